@@ -1,0 +1,102 @@
+"""Checkpoints that cannot be half-written and cannot run code when loaded.
+
+Layout in a run folder: `checkpoints/step_00000100.pt` (the newest `keep` of them) and
+`checkpoints/latest`, a one-line text file naming the newest, rewritten only after that
+checkpoint is complete on disk. Each file is written to a temporary name, flushed, fsynced, and
+renamed. Loading maps everything to the CPU with `weights_only=True`: a pickle that would run
+code is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fitgpt.errors import CheckpointError
+
+CKPT_DIR = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call write(file) on a temporary sibling, fsync it, then rename it to path."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
+    """Write state as checkpoints/step_N.pt, point `latest` at it, keep the newest `keep`."""
+    ckdir = run_dir / CKPT_DIR
+    ckdir.mkdir(parents=True, exist_ok=True)
+    path = ckdir / f"step_{step:08d}.pt"
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write_bytes(ckdir / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+    old = sorted(ckdir.glob("step_*.pt"))
+    for p in old[:-keep]:
+        if p != path:
+            p.unlink(missing_ok=True)
+    return path
+
+
+def find_checkpoint(where: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its `latest`), -> the checkpoint file."""
+    p = Path(where)
+    if p.is_file():
+        return p
+    ckdir = p / CKPT_DIR if (p / CKPT_DIR).is_dir() else p
+    latest = ckdir / "latest"
+    if latest.is_file():
+        cand = ckdir / latest.read_text().strip()
+        if cand.is_file():
+            return cand
+    files = sorted(ckdir.glob("step_*.pt")) if ckdir.is_dir() else []
+    if files:
+        return files[-1]
+    if (p / "ckpt.pt").is_file():  # a nanoGPT out_dir
+        return p / "ckpt.pt"
+    raise CheckpointError(f"no checkpoint at {p}: expected a .pt file or a run folder with "
+                          f"{CKPT_DIR}/latest")
+
+
+def load_checkpoint(where: str | Path) -> dict[str, Any]:
+    """Load to the CPU without running code; refuse anything that is not plain tensors and data."""
+    path = find_checkpoint(where)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(f"{path}: refused: the file holds objects that could run code when "
+                              f"loaded ({first[:160]}); only load checkpoints you trust with "
+                              f"other tools") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0][:160]}); "
+                              f"the file is damaged or not a checkpoint") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a fitgpt or nanoGPT checkpoint (no 'model' entry)")
+    state["_path"] = str(path)
+    return state

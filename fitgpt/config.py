@@ -1,0 +1,200 @@
+"""Run configuration: one dataclass per concern, every field documented.
+
+Precedence: defaults < config file (TOML, or a nanoGPT-style Python file) < command line.
+The string literal under each field is its documentation; `fitgpt train --help` shows it.
+Loading, overrides and checks live in `fitgpt.configio`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """The GPT-2 architecture."""
+
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    block_size: int = 1024
+    """Context length in tokens (training windows and position embeddings)."""
+    vocab_size: int = 50257
+    """Tokenizer vocabulary; the embedding is padded up to a multiple of vocab_multiple."""
+    vocab_multiple: int = 64
+    """Pad the vocabulary to a multiple of this (50257 -> 50304) for faster matmuls."""
+    dropout: float = 0.0
+    """Dropout probability (0 for pretraining)."""
+    bias: bool = False
+    """Bias in Linear and LayerNorm layers (GPT-2 had them; False is a little better and faster)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards are."""
+
+    dir: str = "demo"
+    """Folder of token shards (llm.c *_train_* and *_val_* .bin, or nanoGPT train.bin and val.bin); 'demo': KJV demo."""
+    seed: int = 1337
+    """Seed of the random training windows."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation run."""
+
+    batch_size: int = 12
+    """Micro-batch: sequences per forward/backward pass."""
+    grad_accum: int = 40
+    """Micro-batches accumulated per optimizer step (tokens per step = batch x accum x block)."""
+    max_steps: int = 600000
+    """Optimizer steps to train for."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 2000
+    """Steps of linear warm-up from 0 to lr."""
+    lr_decay_steps: int | None = None
+    """Step at which the cosine decay reaches min_lr (default: max_steps)."""
+    decay_lr: bool = True
+    """Use warm-up and cosine decay; False keeps lr constant."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not biases, LayerNorms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, mps, or auto (cuda when present)."""
+    dtype: str = "auto"
+    """float32, bfloat16 or float16 autocast; auto: bfloat16 (float16 on old GPUs) on CUDA, float32 on CPU."""
+    compile: bool = False
+    """torch.compile the model."""
+    seed: int = 1337
+    """Seed of the model initialisation."""
+    eval_only: bool = False
+    """Evaluate once and exit without training."""
+    init_from: str = "scratch"
+    """scratch, or resume (continue the latest checkpoint in the run folder)."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the fixed validation windows."""
+
+    interval: int = 2000
+    """Evaluate every this many optimizer steps (and always at the last step)."""
+    iters: int = 200
+    """Validation size in training batches: iters x train.batch_size windows (unless tokens is set)."""
+    tokens: int | None = None
+    """Validation size in tokens (overrides iters); the same windows whatever eval.batch_size is."""
+    batch_size: int | None = None
+    """Sequences per evaluation forward pass (default: train.batch_size)."""
+    block_size: int | None = None
+    """Window length for evaluation, <= model.block_size (default: model.block_size)."""
+    sample_tokens: int = 0
+    """Tokens of text to generate after training (0: none)."""
+    sample_prompt: str = "\n"
+    """Prompt of that sample."""
+
+
+@dataclass
+class MemoryConfig:
+    """How the run uses memory."""
+
+    loss: str = "chunked"
+    """chunked: lm_head + cross-entropy over row chunks, never the full logits; full: the usual way."""
+    loss_chunk: int = 2048
+    """Rows (tokens) per chunk of the chunked loss."""
+    checkpointing: bool = False
+    """Activation checkpointing per block: recompute activations in backward (less memory, ~25% slower)."""
+    budget: str | None = None
+    """Memory the run may use, e.g. 12GB or 11.5GiB (default: the whole device)."""
+    fit: str = "off"
+    """off, or auto: pick micro-batch, accumulation, checkpointing and eval batch to fit budget."""
+    headroom: float = 0.1
+    """Fraction of the budget kept free for the allocator and the unexpected."""
+    track: bool = True
+    """On CPU, measure peak memory of the first step and first evaluation with the storage tracker."""
+
+
+@dataclass
+class LogConfig:
+    """Output, logging and checkpoints."""
+
+    out_dir: str = "runs"
+    """Folder that holds the run folders."""
+    run_name: str | None = None
+    """Run folder name under out_dir (default: config name and time)."""
+    interval: int = 10
+    """Log a line every this many optimizer steps."""
+    progress: bool = True
+    """Show a live progress bar when the output is a terminal."""
+    always_save: bool = True
+    """Save a checkpoint at every evaluation, not only when val loss improves."""
+    keep: int = 2
+    """Checkpoints kept in the run folder (the newest ones)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs the wandb package)."""
+    wandb_project: str = "fitgpt"
+    """Weights & Biases project."""
+    wandb_run_name: str | None = None
+    """Weights & Biases run name (default: the run folder name)."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "memory": MemoryConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass
+class Config:
+    """A whole run: one instance of each section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    name: str = "default"
+    """Where this configuration came from (file stem), used in run names."""
+
+    # Derived values: computed once, used everywhere.
+    @property
+    def eval_batch_size(self) -> int:
+        return self.eval.batch_size or self.train.batch_size
+
+    @property
+    def eval_block_size(self) -> int:
+        return self.eval.block_size or self.model.block_size
+
+    @property
+    def eval_windows(self) -> int:
+        if self.eval.tokens is not None:
+            return max(1, self.eval.tokens // self.eval_block_size)
+        return self.eval.iters * self.train.batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.train.grad_accum * self.model.block_size
+
+    @property
+    def lr_decay_steps(self) -> int:
+        return self.train.lr_decay_steps or self.train.max_steps
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.model.vocab_multiple
+        return (self.model.vocab_size + m - 1) // m * m

