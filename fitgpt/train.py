@@ -339,7 +339,11 @@ def _config_dict(cfg: Config) -> dict:
 
 
 def _summary(cfg, state: State, model, rt: Runtime, run_dir: Path, status: str) -> dict[str, Any]:
+    from fitgpt.memory.estimate import estimate
+
     tok_s = state.train_tokens_timed / state.train_seconds if state.train_seconds else None
+    dtype = str(rt.dtype).replace("torch.", "")
+    est = estimate(cfg, rt.device_type, dtype)
     how = "cuda max_memory_allocated" if rt.device_type == "cuda" else (
         "storage tracker (first two steps, first evaluation)" if cfg.memory.track else "not measured")
     summary = {
@@ -349,7 +353,8 @@ def _summary(cfg, state: State, model, rt: Runtime, run_dir: Path, status: str) 
         "tokens_per_second": tok_s, "peak_train_bytes": state.peaks.train,
         "peak_eval_bytes": state.peaks.eval, "peak_train_reserved_bytes": state.peaks.train_reserved,
         "peak_eval_reserved_bytes": state.peaks.eval_reserved, "memory_measured_by": how,
-        "device": str(rt.device), "dtype": str(rt.dtype).replace("torch.", ""),
+        "predicted_train_bytes": est.train.allocated, "predicted_eval_bytes": est.eval.allocated,
+        "device": str(rt.device), "dtype": dtype,
         "run_dir": str(run_dir), "version": __version__,
     }
     from fitgpt.log import say
@@ -359,7 +364,8 @@ def _summary(cfg, state: State, model, rt: Runtime, run_dir: Path, status: str) 
         f"{state.last_val or float('nan'):.3f} | "
         + (f"{fmt_count(tok_s)} tok/s" if tok_s else "tok/s n/a"))
     say(f"peak memory ({how}): training {fmt_bytes(state.peaks.train)}, evaluation "
-        f"{fmt_bytes(state.peaks.eval)}")
+        f"{fmt_bytes(state.peaks.eval)} | predicted: training {fmt_bytes(est.train.allocated)}, "
+        f"evaluation {fmt_bytes(est.eval.allocated)}")
     say(f"run folder: {run_dir} (config.toml, train.log, metrics.jsonl, summary.json, checkpoints/)")
     return summary
 

@@ -34,6 +34,10 @@ def test_tiny_run_learns_and_writes_a_self_describing_folder(shard_dir, tmp_path
     assert s["status"] == "completed" and s["steps"] == 12
     assert s["val_loss"] < s["first_val_loss"] - 0.5
     assert s["peak_train_bytes"] > 0 and s["peak_eval_bytes"] > 0
+    # the run's own measurement agrees with the planner's prediction (batches come from the
+    # shard reader here, so allow a little more than the planner's 3 %)
+    assert abs(s["predicted_train_bytes"] - s["peak_train_bytes"]) <= 0.05 * s["peak_train_bytes"]
+    assert abs(s["predicted_eval_bytes"] - s["peak_eval_bytes"]) <= 0.05 * s["peak_eval_bytes"]
     assert s["tokens_per_second"] > 0
     for name in ("config.toml", "train.log", "metrics.jsonl", "summary.json"):
         assert (run_dir / name).is_file()
