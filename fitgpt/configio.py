@@ -14,7 +14,6 @@ import difflib
 import functools
 import inspect
 import operator
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -456,6 +455,13 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_lines(cfg: Config) -> list[str]:
+    """The resolved config, one line per section, for the start of a run."""
+    return [f"{sec}: " + " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                                  for k, v in values.items())
+            for sec, values in to_dict(cfg).items() if sec != "name"]
+
+
 def help_text() -> str:
     """Every field with type, default and docstring, grouped by section, with nanoGPT aliases."""
     docs, types_ = field_docs(), field_types()
@@ -471,7 +477,3 @@ def help_text() -> str:
                          f"[default {defaults[sec][f.name]!r}]{extra}")
             lines.append(f"      {docs.get(key, '')}")
     return "\n".join(lines)
-
-
-def is_optional(tp: Any) -> bool:
-    return isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from pathlib import Path
 
 from fitgpt.checkpoint import CKPT_DIR, load_checkpoint
@@ -60,11 +60,7 @@ def resume_config(where: str, config: str | None, overrides: list[str],
         where = str(latest_run(out_dir))
     ckpt = load_checkpoint(where)
     saved = config_of(ckpt)
-    cfg = dataclasses.replace(saved, model=dataclasses.replace(saved.model),
-                              train=dataclasses.replace(saved.train),
-                              eval=dataclasses.replace(saved.eval),
-                              memory=dataclasses.replace(saved.memory),
-                              log=dataclasses.replace(saved.log), data=dataclasses.replace(saved.data))
+    cfg = copy.deepcopy(saved)
     changed = apply_overrides(cfg, overrides)
     bad = [f"model.{f}" for f in SHAPE_FIELDS
            if getattr(cfg.model, f) != getattr(saved.model, f)]

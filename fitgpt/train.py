@@ -9,6 +9,7 @@ always happen. Memory of training and evaluation is measured per phase: on CUDA 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -23,10 +24,10 @@ import torch
 from fitgpt import __version__
 from fitgpt.checkpoint import save_checkpoint
 from fitgpt.config import Config
-from fitgpt.configio import to_toml
+from fitgpt.configio import summary_lines, to_dict, to_toml
 from fitgpt.data import TrainBatches, ValWindows, find_splits
 from fitgpt.evaluate import EvalResult, evaluate
-from fitgpt.log import RunLog, fmt_bytes, fmt_count
+from fitgpt.log import RunLog, fmt_bytes, fmt_count, say
 from fitgpt.memory.tracker import StorageTracker
 from fitgpt.parallelize import maybe_compile
 from fitgpt.runtime import Runtime, build_model, clean_state_dict, resolve_data_dir, resolve_runtime
@@ -209,6 +210,8 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     wandb_run = _start_wandb(cfg, run_dir) if cfg.log.wandb else None
     meter = Meter(rt, cfg.memory.track)
     n_params = model.num_params()
+    for line in summary_lines(cfg):
+        log.info(line)
     log.info(f"fitgpt {__version__} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
              f"{n_params / 1e6:.2f}M parameters ({model.num_params(False) / 1e6:.2f}M without "
              f"embeddings) | run folder {run_dir}")
@@ -231,7 +234,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     def checkpoint() -> Path:
         st = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
               "scaler": scaler.state_dict(), "step": state.step, "tokens": state.tokens,
-              "best_val_loss": state.best_val, "config": _config_dict(cfg),
+              "best_val_loss": state.best_val, "config": to_dict(cfg),
               "sampler": batches.state_dict(), "rng": rng_state(), "version": __version__}
         return save_checkpoint(run_dir, st, state.step, cfg.log.keep)
 
@@ -332,12 +335,6 @@ def _record_eval(state, res: EvalResult, log, wandb_run) -> None:
         wandb_run.log(rec, step=state.step)
 
 
-def _config_dict(cfg: Config) -> dict:
-    from fitgpt.configio import to_dict
-
-    return to_dict(cfg)
-
-
 def _summary(cfg, state: State, model, rt: Runtime, run_dir: Path, status: str) -> dict[str, Any]:
     from fitgpt.memory.estimate import estimate
 
@@ -357,8 +354,6 @@ def _summary(cfg, state: State, model, rt: Runtime, run_dir: Path, status: str) 
         "device": str(rt.device), "dtype": dtype,
         "run_dir": str(run_dir), "version": __version__,
     }
-    from fitgpt.log import say
-
     say("")
     say(f"done: {status} at step {state.step} | val loss {state.first_val or float('nan'):.3f} -> "
         f"{state.last_val or float('nan'):.3f} | "
@@ -372,7 +367,6 @@ def _summary(cfg, state: State, model, rt: Runtime, run_dir: Path, status: str) 
 
 def sample_text(model, cfg: Config, rt: Runtime) -> str:
     """A short generated text after training (seeded, temperature 0.8, top-k 200)."""
-    from fitgpt.log import say
     from fitgpt.tokenizer import gpt2_encoding
 
     enc = gpt2_encoding()
@@ -397,12 +391,10 @@ def _start_wandb(cfg: Config, run_dir: Path):
 
         raise ConfigError("log.wandb=true needs the wandb package: pip install wandb") from None
     return wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_run_name or run_dir.name,
-                      config=_config_dict(cfg), dir=str(run_dir))
+                      config=to_dict(cfg), dir=str(run_dir))
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    import json
-
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     tmp.replace(path)
