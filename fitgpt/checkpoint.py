@@ -52,10 +52,20 @@ def atomic_write_bytes(path: Path, write) -> None:
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     """Write state as checkpoints/step_N.pt, point `latest` at it, keep the newest `keep`."""
     ckdir = run_dir / CKPT_DIR
-    ckdir.mkdir(parents=True, exist_ok=True)
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {ckdir}: {e.strerror or e}") from None
     path = ckdir / f"step_{step:08d}.pt"
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-    atomic_write_bytes(ckdir / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+        atomic_write_bytes(ckdir / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+    except OSError as e:
+        latest = ckdir / "latest"
+        prev = latest.read_text().strip() if latest.is_file() else None
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                              + (f"the previous checkpoint {prev} is intact" if prev
+                                 else "no earlier checkpoint exists")) from None
     old = sorted(ckdir.glob("step_*.pt"))
     for p in old[:-keep]:
         if p != path:
@@ -88,14 +98,14 @@ def load_checkpoint(where: str | Path) -> dict[str, Any]:
     path = find_checkpoint(where)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"{path}: refused: the file holds objects that could run code when "
-                              f"loaded ({first[:160]}); only load checkpoints you trust with "
-                              f"other tools") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0][:160]}); "
-                              f"the file is damaged or not a checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - every failure here is a bad file, said in one line
+        text = (str(e).strip() or type(e).__name__).splitlines()[0][:160]
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path}: refused: the file holds objects that could run code "
+                                  f"when loaded; only load checkpoints you trust with other "
+                                  f"tools") from None
+        raise CheckpointError(f"{path}: cannot be read ({text}); the file is damaged or not a "
+                              f"checkpoint") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a fitgpt or nanoGPT checkpoint (no 'model' entry)")
     state["_path"] = str(path)

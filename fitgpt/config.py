@@ -80,6 +80,8 @@ class TrainConfig:
     """Seed of the model initialisation."""
     eval_only: bool = False
     """Evaluate once and exit without training."""
+    max_nonfinite: int = 10
+    """Stop (with a checkpoint of the last good weights) after this many non-finite losses in a row."""
     init_from: str = "scratch"
     """scratch, or resume (continue the latest checkpoint in the run folder)."""
 
@@ -120,6 +122,10 @@ class MemoryConfig:
     """off, or auto: pick micro-batch, accumulation, checkpointing and eval batch to fit budget."""
     headroom: float = 0.1
     """Fraction of the budget kept free for the allocator and the unexpected."""
+    micro_split: int = 1
+    """Process each micro-batch in this many slices, one after another (same tokens per step, lower peak)."""
+    recover: bool = True
+    """On out-of-memory, retry the same data with the micro-batch (or eval batch) halved."""
     track: bool = True
     """On CPU, measure peak memory of the first step and first evaluation with the storage tracker."""
 

@@ -385,6 +385,7 @@ def check(cfg: Config) -> None:
         "model.vocab_multiple": m.vocab_multiple, "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum, "eval.interval": e.interval, "eval.iters": e.iters,
         "memory.loss_chunk": mem.loss_chunk, "log.interval": log.interval, "log.keep": log.keep,
+        "memory.micro_split": mem.micro_split, "train.max_nonfinite": t.max_nonfinite,
     }
     for opt in ("eval.batch_size", "eval.block_size", "eval.tokens", "train.lr_decay_steps"):
         sec, name = opt.split(".")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fitgpt import faults
+from fitgpt.errors import DataError
 from fitgpt.runtime import Runtime
 
 
@@ -24,8 +26,10 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime) -> EvalResult:
-    """Mean loss over every validation window, `batch_size` windows per forward pass."""
+def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime, step: int = 0,
+             vocab: int | None = None) -> EvalResult:
+    """Mean loss over every validation window, `batch_size` windows per forward pass.
+    With vocab, a token id outside the model's vocabulary is a DataError, not a crash."""
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -34,6 +38,10 @@ def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime) -> EvalR
     tokens = 0
     try:
         for x, y in val.batches(batch_size):
+            if vocab is not None and max(int(x.max()), int(y.max())) >= vocab:
+                raise DataError(f"validation data: token id {max(int(x.max()), int(y.max()))} >= "
+                                f"model.vocab_size {vocab}; set --model.vocab_size or re-prepare")
+            faults.maybe_oom("eval", step, x.size(0))
             x, y = rt.to_device(x, y)
             with rt.autocast():
                 total += model(x, y, reduction="sum").to(acc)

@@ -344,7 +344,8 @@ def _weights(tl: Timeline, sizes: list[int]) -> None:
 
 def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     s = _shape(cfg)
-    b, T = cfg.train.batch_size, cfg.model.block_size
+    split = cfg.memory.micro_split
+    b, T = -(-cfg.train.batch_size // split), cfg.model.block_size  # the largest slice
     N = b * T
     chunked = cfg.memory.loss == "chunked"
     sizes = s.param_sizes()
@@ -353,7 +354,7 @@ def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     _optimizer_state(tl, sizes)
     tl.alloc("batch", 4)  # loss_sum
     grads: list = []
-    for micro in range(min(cfg.train.grad_accum, 2)):
+    for micro in range(min(cfg.train.grad_accum * split, 2)):
         have_grads = micro > 0
         batch = [tl.alloc("batch", 8 * N), tl.alloc("batch", 8 * N)]
         pos = tl.alloc("batch", 8 * T)

@@ -1,0 +1,44 @@
+"""Fault injection, for tests: make a chosen step run out of memory, produce a NaN loss, or
+kill the process, so that recovery paths are exercised on a CPU.
+
+Set FITGPT_FAULT to a comma-separated list of:
+  oom:PHASE:STEP:BATCH  raise torch.OutOfMemoryError in PHASE (train or eval) at STEP while the
+                        (micro- or eval) batch is at least BATCH sequences
+  nan:STEP              make the training loss NaN at STEP
+  kill:STEP             SIGKILL this process right after the checkpoint at STEP is saved
+Steps count optimizer steps from 0, as the log does. Unset, every check is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(spec: str) -> list[tuple[str, ...]]:
+    return [tuple(item.strip().split(":")) for item in spec.split(",") if item.strip()]
+
+
+def _faults() -> list[tuple[str, ...]]:
+    spec = os.environ.get("FITGPT_FAULT", "")
+    return _parse(spec) if spec else []
+
+
+def maybe_oom(phase: str, step: int, batch: int) -> None:
+    for f in _faults():
+        if f[0] == "oom" and f[1] == phase and int(f[2]) == step and batch >= int(f[3]):
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"injected out-of-memory ({phase}, step {step}, batch {batch})")
+
+
+def nan_at(step: int) -> bool:
+    return any(f[0] == "nan" and int(f[1]) == step for f in _faults())
+
+
+def maybe_kill(step: int) -> None:
+    if any(f[0] == "kill" and int(f[1]) == step for f in _faults()):
+        os.kill(os.getpid(), signal.SIGKILL)

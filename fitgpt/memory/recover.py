@@ -1,0 +1,51 @@
+"""Out-of-memory recovery: recognise the error, release what the failed attempt held, back off.
+
+The caller catches the error, keeps only a description of it, and calls `release` *after* the
+`except` block: inside it, the exception's traceback still references the failed frames and
+their tensors, so memory freed there is not actually free.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from fitgpt.runtime import Runtime
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in str(exc) or "can't allocate memory" in str(exc))
+
+
+def release(model: torch.nn.Module, optimizer, rt: Runtime) -> None:
+    """Drop partial gradients, collect the failed attempt's garbage, return cached blocks."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+    gc.collect()
+    if rt.device_type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def best_suggestion(cfg) -> str:
+    """The planner's best fitting proposal, as a line to print, or '' if there is none."""
+    try:
+        from fitgpt.memory.fit import proposals
+        from fitgpt.memory.gpus import current_gpu
+
+        gpu = current_gpu() if torch.cuda.is_available() else None
+        if gpu is None:
+            return ""
+        props = [p for p in proposals(cfg, gpu, gpu.memory) if p.fits]
+    except Exception:  # noqa: BLE001 - a suggestion is a courtesy, never a second failure
+        return ""
+    if not props:
+        return ""
+    best = props[0]
+    return f"the planner suggests: {best.description} ({' '.join(best.overrides)})"

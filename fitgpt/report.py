@@ -1,0 +1,126 @@
+"""What a run reports: the run folder, log lines, metrics records, the summary, a sample."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fitgpt import __version__
+from fitgpt.config import Config
+from fitgpt.configio import to_dict
+from fitgpt.errors import ConfigError
+from fitgpt.evaluate import EvalResult
+from fitgpt.log import fmt_bytes, fmt_count, say
+from fitgpt.runtime import Runtime
+
+
+def make_run_dir(cfg: Config) -> Path:
+    base = Path(cfg.log.out_dir)
+    name = cfg.log.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = base / name
+    n = 1
+    while cfg.log.run_name is None and run_dir.exists():
+        n += 1
+        run_dir = base / f"{name}-{n}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def loss_status(state) -> str:
+    return "" if state.last_val is None else f"val {state.last_val:.3f}"
+
+
+def record_train(state, loss_v, norm, lr, dt, cfg, log, wandb_run) -> None:
+    tok_s = cfg.tokens_per_step / dt
+    peak = state.peaks.train
+    log.info(f"step {state.step:>6} | loss {loss_v:.4f} | lr {lr:.2e} | "
+             f"{fmt_count(tok_s)} tok/s | {dt * 1000:.0f} ms/step"
+             + (f" | peak {fmt_bytes(peak)}" if peak else ""))
+    rec = {"kind": "train", "step": state.step, "tokens": state.tokens, "loss": loss_v, "lr": lr,
+           "grad_norm": None if norm is None else float(norm), "tok_s": tok_s,
+           "ms_step": dt * 1000, "peak_train_bytes": peak}
+    log.metrics(rec)
+    if wandb_run is not None:
+        wandb_run.log(rec, step=state.step)
+
+
+def record_eval(state, res: EvalResult, log, wandb_run) -> None:
+    state.last_val = res.loss
+    state.first_val = res.loss if state.first_val is None else state.first_val
+    state.best_val = min(state.best_val, res.loss)
+    log.info(f"eval step {state.step:>6} | val loss {res.loss:.4f} | {res.tokens:,} tokens in "
+             f"{res.seconds:.1f}s" + (f" | peak {fmt_bytes(state.peaks.eval)}" if state.peaks.eval else ""))
+    rec = {"kind": "eval", "step": state.step, "tokens": state.tokens, "val_loss": res.loss,
+           "eval_seconds": res.seconds, "peak_eval_bytes": state.peaks.eval}
+    log.metrics(rec)
+    if wandb_run is not None:
+        wandb_run.log(rec, step=state.step)
+
+
+def summary(cfg, state, model, rt: Runtime, run_dir: Path, status: str) -> dict[str, Any]:
+    from fitgpt.memory.estimate import estimate
+
+    tok_s = state.train_tokens_timed / state.train_seconds if state.train_seconds else None
+    dtype = str(rt.dtype).replace("torch.", "")
+    est = estimate(cfg, rt.device_type, dtype)
+    how = "cuda max_memory_allocated" if rt.device_type == "cuda" else (
+        "storage tracker (first two steps, first evaluation)" if cfg.memory.track else "not measured")
+    out = {
+        "status": status, "steps": state.step, "tokens": state.tokens,
+        "params": model.num_params(), "first_val_loss": state.first_val,
+        "val_loss": state.last_val, "best_val_loss": state.best_val if state.first_val else None,
+        "tokens_per_second": tok_s, "peak_train_bytes": state.peaks.train,
+        "peak_eval_bytes": state.peaks.eval, "peak_train_reserved_bytes": state.peaks.train_reserved,
+        "peak_eval_reserved_bytes": state.peaks.eval_reserved, "memory_measured_by": how,
+        "predicted_train_bytes": est.train.allocated, "predicted_eval_bytes": est.eval.allocated,
+        "device": str(rt.device), "dtype": dtype,
+        "run_dir": str(run_dir), "version": __version__,
+        "backoff": {"micro_split": state.split, "eval_batch_size": state.eval_batch,
+                    "events": state.backoffs},
+    }
+    say("")
+    say(f"done: {status} at step {state.step} | val loss {state.first_val or float('nan'):.3f} -> "
+        f"{state.last_val or float('nan'):.3f} | "
+        + (f"{fmt_count(tok_s)} tok/s" if tok_s else "tok/s n/a"))
+    say(f"peak memory ({how}): training {fmt_bytes(state.peaks.train)}, evaluation "
+        f"{fmt_bytes(state.peaks.eval)} | predicted: training {fmt_bytes(est.train.allocated)}, "
+        f"evaluation {fmt_bytes(est.eval.allocated)}")
+    say(f"run folder: {run_dir} (config.toml, train.log, metrics.jsonl, summary.json, checkpoints/)")
+    return out
+
+
+def sample_text(model, cfg: Config, rt: Runtime) -> str:
+    """A short generated text after training (seeded, temperature 0.8, top-k 200)."""
+    from fitgpt.tokenizer import gpt2_encoding
+
+    enc = gpt2_encoding()
+    prompt = enc.encode_ordinary(cfg.eval.sample_prompt) or [50256]
+    idx = torch.tensor([prompt], dtype=torch.long, device=rt.device)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    model.eval()
+    with rt.autocast():
+        out = model.generate(idx, cfg.eval.sample_tokens, temperature=0.8, top_k=200,
+                             generator=gen, vocab_limit=cfg.model.vocab_size)
+    text = enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
+    say("sample:")
+    say(text.strip())
+    return text
+
+
+def start_wandb(cfg: Config, run_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("log.wandb=true needs the wandb package: pip install wandb") from None
+    return wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_run_name or run_dir.name,
+                      config=to_dict(cfg), dir=str(run_dir))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
