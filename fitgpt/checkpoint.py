@@ -9,7 +9,6 @@ code is refused.
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -17,36 +16,9 @@ from typing import Any
 import torch
 
 from fitgpt.errors import CheckpointError
+from fitgpt.fileio import atomic_write
 
 CKPT_DIR = "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file) on a temporary sibling, fsync it, then rename it to path."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
@@ -58,8 +30,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
         raise CheckpointError(f"cannot create {ckdir}: {e.strerror or e}") from None
     path = ckdir / f"step_{step:08d}.pt"
     try:
-        atomic_write_bytes(path, lambda f: torch.save(state, f))
-        atomic_write_bytes(ckdir / "latest", lambda f: f.write(f"{path.name}\n".encode()))
+        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(ckdir / "latest", lambda f: f.write(f"{path.name}\n".encode()))
     except OSError as e:
         latest = ckdir / "latest"
         prev = latest.read_text().strip() if latest.is_file() else None

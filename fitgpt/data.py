@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fitgpt.errors import ConfigError, DataError
+from fitgpt.fileio import atomic_write
 from fitgpt.tokenizer import EOT
 
 MAGIC = 20240520
@@ -40,19 +41,14 @@ def _atomic_write(path: Path, chunks: Iterable[bytes]) -> str:
 
     On any error the temporary file is removed and ``path`` is left untouched.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:
+        for chunk in chunks:
+            digest.update(chunk)
+            f.write(chunk)
+
+    atomic_write(path, write)
     return digest.hexdigest()
 
 

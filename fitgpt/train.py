@@ -30,7 +30,7 @@ from fitgpt.errors import DataError, FitError
 from fitgpt.evaluate import EvalResult, evaluate
 from fitgpt.log import RunLog
 from fitgpt.memory.measure import Meter, PhasePeaks
-from fitgpt.memory.recover import best_suggestion, is_oom, release
+from fitgpt.memory.recover import attempt, best_suggestion, release
 from fitgpt.parallelize import maybe_compile
 from fitgpt.runtime import Runtime, build_model, clean_state_dict, resolve_data_dir, resolve_runtime
 
@@ -233,18 +233,13 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
 
     def do_eval(measure: bool) -> EvalResult:
         while True:
-            failed = False
-            try:
-                res, peak, reserved = meter.measure(
-                    lambda: evaluate(fwd, val, state.eval_batch, rt, step=state.step,
-                                     vocab=cfg.model.vocab_size), model, optimizer, measure)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not (cfg.memory.recover and is_oom(e)):
-                    raise
-                failed = True
-            if not failed:
-                state.peaks.record("eval", peak, reserved)
-                return res
+            ok, out = attempt(lambda: meter.measure(
+                lambda: evaluate(fwd, val, state.eval_batch, rt, step=state.step,
+                                 vocab=cfg.model.vocab_size), model, optimizer, measure),
+                cfg.memory.recover)
+            if ok:
+                state.peaks.record("eval", *out[1:])
+                return out[0]
             if state.eval_batch == 1:
                 give_up("evaluation", "eval batch size 1")
             backoff("evaluation", "eval_batch_size", state.eval_batch, state.eval_batch // 2)
@@ -254,21 +249,14 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         data = [batches.next_batch() for _ in range(cfg.train.grad_accum)]  # kept for retries
         check_tokens(data, cfg.model.vocab_size, f"training data in {data_dir}")
         while True:
-            failed = False
-            try:
-                out, peak, reserved = meter.measure(
-                    lambda: train_step(fwd, optimizer, scaler, batches, cfg.train.grad_accum,
-                                       cfg.train.grad_clip, rt, state.split, data, state.step),
-                    model, optimizer, trained_steps < 2)  # the second step has optimizer state
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not (cfg.memory.recover and is_oom(e)):
-                    raise
-                failed = True
-            if not failed:
-                state.peaks.record("train", peak, reserved)
-                return out
-            micro = -(-cfg.train.batch_size // state.split)
-            if micro <= 1:
+            ok, out = attempt(lambda: meter.measure(
+                lambda: train_step(fwd, optimizer, scaler, batches, cfg.train.grad_accum,
+                                   cfg.train.grad_clip, rt, state.split, data, state.step),
+                model, optimizer, trained_steps < 2), cfg.memory.recover)  # step 2 has AdamW state
+            if ok:
+                state.peaks.record("train", *out[1:])
+                return out[0]
+            if -(-cfg.train.batch_size // state.split) <= 1:
                 give_up("training", "micro-batch 1")
             backoff("training", "micro_split", state.split, state.split * 2)
             state.split *= 2

@@ -86,6 +86,19 @@ def _cli_args(cfg_path, *extra):
     return [sys.executable, "-m", "fitgpt", "train", str(cfg_path), *extra]
 
 
+def _start(cfg_path):
+    return subprocess.Popen(_cli_args(cfg_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(proc, text: str, seen: str = "", timeout: float = 60) -> str:
+    """Read the process's output until `text` appears; return all that was read."""
+    deadline = time.time() + timeout
+    while text not in seen and time.time() < deadline:
+        seen += proc.stdout.readline()
+    return seen
+
+
 def test_sigkill_then_resume_is_bit_identical(shard_dir, tmp_path):
     """A run killed with SIGKILL right after its step-3 checkpoint and resumed gives the same
     losses and parameters, bit for bit, as a run of 6 steps."""
@@ -109,12 +122,8 @@ def test_sigterm_stops_politely_and_resumes(shard_dir, tmp_path):
     cfg = tiny_config(shard_dir, tmp_path, train__max_steps=100000, eval__interval=100000)
     path = tmp_path / "t.toml"
     path.write_text(to_toml(cfg))
-    proc = subprocess.Popen(_cli_args(path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    seen = ""
-    deadline = time.time() + 60
-    while "step      3" not in seen and time.time() < deadline:
-        seen += proc.stdout.readline()
+    proc = _start(path)
+    seen = _wait_for(proc, "step      3")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, seen + out
@@ -225,3 +234,20 @@ def test_full_disk_during_save_keeps_previous_checkpoint(shard_dir, tmp_path, mo
     ckdir = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_00000002.pt"]
     assert load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_second_ctrl_c_exits_at_once_without_damage(shard_dir, tmp_path):
+    """Two Ctrl-C in a row: the process quits at once (exit 130) and the last checkpoint on disk
+    is still loadable."""
+    cfg = tiny_config(shard_dir, tmp_path, train__max_steps=100000, eval__interval=2)
+    path = tmp_path / "t.toml"
+    path.write_text(to_toml(cfg))
+    proc = _start(path)
+    seen = _wait_for(proc, "saved")
+    proc.send_signal(signal.SIGINT)
+    seen = _wait_for(proc, "stop requested", seen)  # the first was handled
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + out
+    assert load_checkpoint(tmp_path / "run")["step"] >= 2
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))

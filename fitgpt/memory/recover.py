@@ -22,6 +22,19 @@ def is_oom(exc: BaseException) -> bool:
         "out of memory" in str(exc) or "can't allocate memory" in str(exc))
 
 
+def attempt(fn, recover: bool = True):
+    """(True, fn()) or, when fn ran out of memory and recovery is on, (False, None). The
+    exception and its traceback are gone when this returns: release memory after it."""
+    if not recover:
+        return True, fn()
+    try:
+        return True, fn()
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_oom(e):
+            raise
+    return False, None
+
+
 def release(model: torch.nn.Module, optimizer, rt: Runtime) -> None:
     """Drop partial gradients, collect the failed attempt's garbage, return cached blocks."""
     if optimizer is not None:
