@@ -17,6 +17,9 @@ commands:
                      James Bible, a few minutes on a CPU)
   eval --ckpt RUN_DIR_OR_FILE [--section.key=value ...]
                      evaluate a checkpoint on the validation windows
+  plan [CONFIG] [--section.key=value ...] [--gpu NAME_OR_SIZE] [--fit] [--json] [--verify]
+                     predict the memory of training and evaluation on a card (rtx4070, a100-80gb,
+                     12GB, ...), and what to change if it does not fit; --verify measures it
 
 CONFIG is a TOML file, a nanoGPT-style Python config file, or a built-in name (demo, gpt2-124m,
 seed-77m). Overrides: --eval.batch_size=4 or nanoGPT's flat --eval_batch_size=4.
@@ -83,6 +86,11 @@ def cmd_train(args: list[str]) -> int:
 
     for note in notes:
         say(f"note: {note}")
+    from fitgpt.memory.plan import prepare_training
+
+    cfg, lines = prepare_training(cfg)
+    for line in lines:
+        say(line)
     from fitgpt.train import run
 
     summary = run(cfg, ckpt=ckpt, run_dir=run_dir)
@@ -105,7 +113,73 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+PLAN_USAGE = """usage: fitgpt plan [CONFIG] [--section.key=value ...] [--gpu NAME_OR_SIZE] [--fit] [--json] [--verify]
+
+Predicts the peak memory of a training step and of an evaluation, part by part, before anything
+is allocated, and compares it with a card. Nothing is imported from torch (unless --verify).
+
+  --gpu NAME_OR_SIZE  the card: a name (rtx4070, 'RTX 4090', 4060ti-16gb, a100-80gb, h100, l4,
+                      t4, ...) or a size (12GB, 11.5GiB, 8000MB). Default: the card nvidia-smi
+                      lists, if any. --memory.budget=SIZE, when given, is the limit instead.
+  --fit               also show what --memory.fit=auto would pick (fastest setting that fits)
+  --json              print the same information as JSON
+  --verify            run 3 training steps and one evaluation on this machine's device with
+                      synthetic tokens, and print predicted against measured memory
+
+The verdict compares the larger of the two peaks with the budget minus memory.headroom (10 %).
+When it does not fit, or uses under 40 % of the card, ranked proposals follow, each with the
+overrides to paste.
+Cards: {cards}
+"""
+
+
+def cmd_plan(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        from fitgpt.memory.gpus import gpu_names
+
+        print(PLAN_USAGE.format(cards=", ".join(gpu_names())))
+        return 0
+    flags = {a for a in args if a in ("--fit", "--json", "--verify")}
+    config, opts, overrides = split_args([a for a in args if a not in flags], ("--gpu",))
+    from fitgpt.configio import load_config
+    from fitgpt.memory.gpus import find_gpu, smi_gpu
+    from fitgpt.memory.plan import as_json, make_plan, render
+
+    notes: list[str] = []
+    cfg = load_config(config, overrides, notes=notes)
+    gpu = find_gpu(opts["--gpu"]) if "--gpu" in opts else None
+    if gpu is None and cfg.train.device != "cpu" and not cfg.memory.budget:
+        gpu = smi_gpu()
+    if "--fit" in flags and gpu is None and not cfg.memory.budget:
+        raise FitError("--fit needs a card: --gpu NAME_OR_SIZE or --memory.budget=SIZE")
+    plan = make_plan(cfg, gpu, fit="--fit" in flags)
+    result = None
+    if "--verify" in flags:
+        from fitgpt.memory.verify import verify
+
+        result = verify(cfg)
+    if "--json" in flags:
+        import json
+
+        data = as_json(plan)
+        if result is not None:
+            data["verify"] = result
+        print(json.dumps(data, indent=2))
+        return 0
+    from fitgpt.log import console
+
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
+    render(plan, console)
+    if result is not None:
+        from fitgpt.memory.plan import render_verify
+
+        console.print()
+        render_verify(result, console)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,273 @@
+"""The planner: card lookup, the seed's verdict on its RTX 4070, proposals and auto-fit that keep
+the tokens per optimizer step, `fitgpt plan` output (tables, JSON, nanoGPT files, --verify),
+`--memory.fit=auto` in `fitgpt train`, and the GPU bench script's dry run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fitgpt.cli import main
+from fitgpt.config import Config
+from fitgpt.configio import load_config, parse_size
+from fitgpt.errors import ConfigError
+from fitgpt.memory.estimate import estimate
+from fitgpt.memory.fit import auto_fit, flops_per_token, predicted_throughput, proposals
+from fitgpt.memory.gpus import MiB, find_gpu, lookup
+from fitgpt.memory.plan import make_plan
+from fitgpt.memory.verify import verify
+from fitgpt.model import GPT, GPTShape
+
+ROOT = Path(__file__).parent.parent
+SEED = str(ROOT / "fitgpt" / "configs" / "seed-77m.py")
+# The seed as its author ran it: nanoGPT has no eval_batch_size, so eval ran at batch 16.
+SEED_AS_RUN = ["--eval.batch_size=16"]
+TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+        "--model.vocab_size=256", "--train.device=cpu", "--train.dtype=float32",
+        "--train.batch_size=4", "--train.grad_accum=2", "--eval.batch_size=5",
+        "--memory.loss_chunk=48", "--eval.sample_tokens=0"]
+
+
+# ----------------------------------------------------------------------------- cards
+
+def test_cards_by_name_and_by_size():
+    """Every spelling a user types finds the card; a size is an unnamed card of that size."""
+    for text in ("rtx4070", "RTX 4070", "4070", "NVIDIA GeForce RTX 4070"):
+        g = find_gpu(text)
+        assert g.key == "rtx4070" and g.memory == 12282 * MiB and g.bf16 and g.tflops == 58.3
+    assert find_gpu("a100-80gb").memory == 81920 * MiB
+    assert find_gpu("A100 80GB").key == "a100-80gb"
+    assert find_gpu("h100").key == "h100-sxm" and find_gpu("h100 pcie").tflops == 756
+    assert not find_gpu("t4").bf16 and not find_gpu("v100-32gb").bf16
+    assert find_gpu("4060 Ti 16GB").key == "rtx4060ti-16gb"
+    for text, size in (("12GB", 12 * 10**9), ("12GiB", 12 * 2**30), ("8000MB", 8 * 10**9)):
+        g = find_gpu(text)
+        assert g.memory == size and g.key == "" and g.bf16 and g.tflops is None
+
+
+def test_unknown_card_lists_close_names():
+    with pytest.raises(ConfigError, match="rtx4070"):
+        find_gpu("rtx4071")
+    with pytest.raises(ConfigError, match="12GB"):
+        find_gpu("voodoo5")
+
+
+def test_driver_names_map_to_the_table_but_not_to_a_different_card():
+    """`current_gpu` and nvidia-smi give driver names: form-factor suffixes match, 'Ti' not."""
+    assert lookup("NVIDIA A100-SXM4-80GB", 1).key == "a100-80gb"
+    assert lookup("NVIDIA H100 80GB HBM3", 1).key == "h100-sxm"
+    assert lookup("NVIDIA A10", 1).key == "a10"
+    g = lookup("NVIDIA GeForce RTX 3080 Ti", 5)
+    assert g.tflops is None and g.memory == 5  # unknown: not the RTX 3080
+
+
+# ----------------------------------------------------------------------------- throughput
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_flops_per_token_from_the_config_matches_the_model(bias):
+    cfg = Config()
+    cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.bias = 3, 96, 4, bias
+    with torch.device("meta"):
+        model = GPT(GPTShape.of(cfg.model))
+    assert flops_per_token(cfg) == model.flops_per_token()
+
+
+def test_throughput_model_orders_the_options():
+    """Checkpointing costs ~25 % (4/3 of the blocks' FLOPs), small micro-batches lose
+    utilisation, the chunked loss ~2 %."""
+    cfg = load_config(SEED, [])
+    base = predicted_throughput(cfg)
+    ck = load_config(SEED, ["--memory.checkpointing=true"])
+    small = load_config(SEED, ["--train.batch_size=4", "--train.grad_accum=128"])
+    full = load_config(SEED, ["--memory.loss=full"])
+    assert 0.75 < predicted_throughput(ck) / base < 0.85  # the lm_head is not recomputed
+    assert predicted_throughput(small) / base == pytest.approx(0.25 ** 0.25)
+    assert predicted_throughput(full) / base == pytest.approx(1.02)
+
+
+# ----------------------------------------------------------------------------- the seed's case
+
+def test_seed_on_rtx4070_full_loss_does_not_fit_and_chunked_does(capsys):
+    """The seed's run (full logits, eval at batch 16) needs more than the whole 12 GB card in
+    training; fitgpt's default chunked loss brings it well inside the 10 % headroom."""
+    gpu = find_gpu("rtx4070")
+    full = make_plan(load_config(SEED, SEED_AS_RUN + ["--memory.loss=full"]), gpu)
+    t = full.estimate.train
+    assert not full.fits and t.total > gpu.memory
+    assert max(t.parts, key=lambda p: p.bytes).name == "logits and loss"
+    assert full.verdict.startswith("does not fit: training needs")
+    assert "RTX 4070" in full.verdict and full.proposals
+    chunked = make_plan(load_config(SEED, SEED_AS_RUN), gpu)
+    assert chunked.fits and chunked.estimate.peak <= 0.9 * gpu.memory
+    assert chunked.estimate.eval.total <= 0.9 * gpu.memory
+    assert chunked.verdict.startswith("fits: peak")
+    assert main(["plan", SEED, "--gpu", "rtx4070", "--memory.loss=full", *SEED_AS_RUN]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "logits and loss" in out and "proposals" in out
+    assert "--memory.loss=chunked" in out
+    assert main(["plan", SEED, "--gpu", "rtx4070", *SEED_AS_RUN]) == 0
+    out = capsys.readouterr().out
+    assert "fits: peak" in out and "% of the GeForce RTX 4070" in out
+
+
+def test_proposals_keep_sequences_per_step_and_reproduce_from_their_overrides():
+    cfg = load_config(SEED, SEED_AS_RUN + ["--memory.loss=full"])
+    gpu = find_gpu("rtx4070")
+    props = proposals(cfg, gpu, int(0.9 * gpu.memory))
+    assert props and props[0].fits and "--memory.loss=chunked" in props[0].overrides
+    fitting = [p for p in props if p.fits]
+    assert [p.throughput for p in fitting] == sorted((p.throughput for p in fitting), reverse=True)
+    rest = [p.peak for p in props if not p.fits]
+    assert rest == sorted(rest) and props[:len(fitting)] == fitting
+    for p in props:
+        new = load_config(SEED, SEED_AS_RUN + ["--memory.loss=full"] + p.overrides)
+        assert new.train.batch_size * new.train.grad_accum == 16 * 32
+        assert new.eval_windows * new.eval_block_size == cfg.eval_windows * cfg.eval_block_size
+        assert estimate(new).peak == p.peak
+        assert p.fits == (p.peak <= int(0.9 * gpu.memory))
+
+
+def test_a_card_too_small_gets_a_smaller_model_marked_as_such():
+    cfg = load_config(SEED, SEED_AS_RUN)
+    props = proposals(cfg, None, int(1.5 * 2**30))
+    models = [p for p in props if p.changes_model]
+    assert models and all(p.fits for p in models) and props[0].changes_model
+    assert "changes the model" in props[0].description
+    assert any(o.startswith("--model.") for o in props[0].overrides)
+
+
+# ----------------------------------------------------------------------------- auto-fit
+
+@pytest.mark.parametrize("budget", ["12GB", "6GB", "4GB"])
+def test_auto_fit_fits_the_budget_and_keeps_tokens_per_step(budget):
+    cfg = load_config(SEED, SEED_AS_RUN + ["--memory.loss=full"])
+    new, lines = auto_fit(cfg, parse_size(budget), 0.1)
+    est = estimate(new)
+    assert est.train.total <= 0.9 * parse_size(budget) and est.eval.total <= 0.9 * parse_size(budget)
+    assert new.tokens_per_step == cfg.tokens_per_step
+    assert new.eval_windows * new.eval_block_size == cfg.eval_windows * cfg.eval_block_size
+    assert new.memory.loss == "chunked" and lines[0].startswith("memory.loss full -> chunked")
+    assert "training peak" in lines[0] and "> " in lines[0]
+    if new.train.batch_size != 16:
+        assert any(line.startswith(f"train.batch_size 16 -> {new.train.batch_size}") for line in lines)
+
+
+def test_auto_fit_picks_the_faster_micro_batch_when_memory_allows():
+    cfg = load_config(SEED, ["--train.batch_size=2", "--train.grad_accum=256"])
+    new, lines = auto_fit(cfg, find_gpu("rtx4090").memory, 0.1)
+    assert new.train.batch_size > 2 and new.tokens_per_step == cfg.tokens_per_step
+    assert "predicted throughput" in lines[0]
+
+
+def test_auto_fit_nothing_fits_says_what_would():
+    cfg = load_config(SEED, SEED_AS_RUN)
+    with pytest.raises(ConfigError, match="nothing fits.*best suggestion: smaller model"):
+        auto_fit(cfg, 2**30, 0.1)
+
+
+def test_seed_with_memory_fit_auto_and_a_12gb_budget_comes_out_fitting():
+    cfg = load_config(SEED, SEED_AS_RUN + ["--memory.budget=12GB", "--memory.fit=auto"])
+    new, lines = auto_fit(cfg, parse_size(cfg.memory.budget), cfg.memory.headroom)
+    assert estimate(new).peak <= 0.9 * 12e9 and new.tokens_per_step == cfg.tokens_per_step
+    assert main(["plan", SEED, *SEED_AS_RUN, "--memory.budget=12GB", "--memory.loss=full",
+                 "--json", "--fit"]) == 0
+
+
+# ----------------------------------------------------------------------------- the command
+
+def test_plan_json_parses_and_carries_the_plan(capsys):
+    assert main(["plan", SEED, "--gpu", "rtx4070", "--memory.loss=full", "--json", "--fit"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpu"]["key"] == "rtx4070" and data["fits"] is False
+    assert data["train"]["total"] == data["train"]["allocated"] + sum(
+        p["bytes"] for p in data["train"]["overhead"])
+    assert data["peak"] == max(data["train"]["total"], data["eval"]["total"])
+    assert data["proposals"][0]["overrides"] == ["--memory.loss=chunked"]
+    assert data["auto_fit"]["estimate"]["peak"] <= data["limit"]
+
+
+NANOGPT_FILES = {
+    "train_gpt2.py": "wandb_log = True\nwandb_project = 'owt'\nwandb_run_name = 'gpt2-124M'\n"
+                     "batch_size = 12\nblock_size = 1024\ngradient_accumulation_steps = 5 * 8\n"
+                     "max_iters = 600000\nlr_decay_iters = 600000\neval_interval = 1000\n"
+                     "eval_iters = 200\nlog_interval = 10\nweight_decay = 1e-1\n",
+    "train_shakespeare_char.py": "out_dir = 'out-shakespeare-char'\neval_interval = 250\n"
+                                 "eval_iters = 200\nlog_interval = 10\n"
+                                 "always_save_checkpoint = False\nwandb_log = False\n"
+                                 "dataset = 'shakespeare_char'\ngradient_accumulation_steps = 1\n"
+                                 "batch_size = 64\nblock_size = 256\nn_layer = 6\nn_head = 6\n"
+                                 "n_embd = 384\ndropout = 0.2\nlearning_rate = 1e-3\n"
+                                 "max_iters = 5000\nlr_decay_iters = 5000\nmin_lr = 1e-4\n"
+                                 "beta2 = 0.99\nwarmup_iters = 100\n",
+    "eval_gpt2_xl.py": "batch_size = 8\neval_iters = 500\neval_only = True\nwandb_log = False\n"
+                       "init_from = 'gpt2-xl'\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NANOGPT_FILES))
+def test_nanogpt_config_files_plan(name, tmp_path, capsys):
+    """nanoGPT's own config files plan as they are. (The char-level one gets the GPT-2 vocab
+    unless told otherwise: nanoGPT reads 65 from data/shakespeare_char/meta.pkl.)"""
+    path = tmp_path / name
+    path.write_text(NANOGPT_FILES[name])
+    extra = ["--vocab_size=65"] if "char" in name else []
+    assert main(["plan", str(path), "--gpu", "rtx3090", "--json", *extra]) == 0
+    data = json.loads(capsys.readouterr().out)
+    params = {"train_gpt2.py": 124.0e6, "train_shakespeare_char.py": 10.8e6,
+              "eval_gpt2_xl.py": 1557.6e6}[name]
+    assert data["params"] == pytest.approx(params, rel=0.01)
+    assert data["fits"] in (True, False) and data["verdict"]
+    assert main(["plan", str(path), "--gpu", "rtx3090"]) == 0
+    assert "training step" in capsys.readouterr().out
+
+
+def test_plan_verify_on_a_tiny_cpu_config(capsys):
+    """--verify trains 3 steps and evaluates once on synthetic tokens (no data files) and
+    prints predicted against measured; on the CPU the storage tracker measures."""
+    assert main(["plan", "--verify", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "verification on cpu float32 (storage tracker)" in out
+    assert "predicted" in out and "measured" in out
+    res = verify(load_config(None, TINY))
+    for phase in ("train", "eval"):
+        r = res[phase]
+        assert r["measured_allocated"] > 0 and r["predicted_allocated"] > 0
+        assert abs(r["error_allocated_pct"]) < 10, r
+
+
+# ----------------------------------------------------------------------------- fitgpt train
+
+def test_train_fit_auto_needs_a_budget_on_cpu(capsys):
+    assert main(["train", *TINY, "--memory.fit=auto"]) == 2
+    assert "memory.fit=auto needs --memory.budget on CPU" in capsys.readouterr().err
+
+
+def test_train_fit_auto_shrinks_the_micro_batch_and_keeps_tokens(shard_dir, tmp_path, capsys):
+    """A budget between the micro-batch 2 and 4 peaks: training runs at micro-batch 2 with
+    twice the accumulation, and says so before it starts, with the predicted peaks."""
+    small = load_config(None, TINY + ["--train.batch_size=2", "--eval.batch_size=2"])
+    big = load_config(None, TINY)
+    budget = (estimate(small, "cpu").peak + estimate(big, "cpu").train.total) // 2
+    assert estimate(big, "cpu").train.total > 0.9 * budget
+    args = ["train", *TINY, "--memory.fit=auto", f"--memory.budget={budget / 0.9:.0f}B",
+            "--train.max_steps=2", "--eval.interval=2", "--eval.tokens=256",
+            f"--data.dir={shard_dir}", f"--log.out_dir={tmp_path}", "--log.run_name=fit"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "memory.fit=auto: train.batch_size 4 -> " in out
+    assert "predicted peak (cpu float32): training" in out
+    saved = load_config(str(tmp_path / "fit" / "config.toml"), [])
+    assert saved.tokens_per_step == big.tokens_per_step and saved.train.batch_size < 4
+
+
+def test_gpu_bench_script_dry_run():
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_memory_check.py"), "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "train" in line]
+    assert len(rows) >= 8
