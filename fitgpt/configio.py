@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import operator
+import pickle
 import typing
 from pathlib import Path
 from typing import Any
@@ -280,10 +281,33 @@ def resolve_path(spec: str) -> Path:
     raise ConfigError(f"config {spec!r}: no such file, and not a built-in config ({builtin})")
 
 
+class _DataOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def nanogpt_meta_vocab(dataset: str) -> int | None:
+    """nanoGPT reads vocab_size from data/<dataset>/meta.pkl (character-level sets); so do we,
+    unpickling plain data only (dicts, strings, numbers: nothing that could run code)."""
+    meta = Path("data") / dataset / "meta.pkl"
+    if not meta.is_file():
+        return None
+    try:
+        with open(meta, "rb") as f:
+            value = _DataOnly(f).load().get("vocab_size")
+    except Exception as e:  # noqa: BLE001 - any failure is the file's
+        raise ConfigError(f"{meta}: not a plain nanoGPT meta.pkl ({e})") from None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def apply_file(cfg: Config, path: Path, notes: list[str]) -> None:
     if path.suffix == ".py":
         values = read_nanogpt_file(path)
         merged = {**NANOGPT_DEFAULTS, **values}
+        vocab = nanogpt_meta_vocab(str(merged["dataset"])) if "vocab_size" not in values else None
+        if vocab is not None:
+            merged["vocab_size"] = vocab
+            notes.append(f"vocab_size={vocab} from data/{merged['dataset']}/meta.pkl, as nanoGPT does")
         # init_from last: as in nanoGPT, a released GPT-2's shape wins over n_layer etc.
         for key in sorted(merged, key=lambda k: k == "init_from"):
             set_value(cfg, key, merged[key], where=str(path), from_text=False, notes=notes)

@@ -206,3 +206,26 @@ def test_allocator_env(monkeypatch):
     set_allocator_env()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
     assert "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+def test_nanogpt_meta_pkl_vocab(tmp_path, monkeypatch):
+    """A character-level nanoGPT dataset gets its vocab_size from meta.pkl, as in nanoGPT;
+    a meta.pkl that would run code is refused."""
+    import os
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
+    meta = tmp_path / "data" / "shakespeare_char" / "meta.pkl"
+    meta.write_bytes(pickle.dumps({"vocab_size": 65, "itos": {0: "a"}, "stoi": {"a": 0}}))
+    p = write(tmp_path, "char.py", "dataset = 'shakespeare_char'\nn_layer = 6\nn_head = 6\nn_embd = 384\n")
+    cfg = load_config(str(p), [])
+    assert cfg.model.vocab_size == 65 and cfg.data.dir == "data/shakespeare_char"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    meta.write_bytes(pickle.dumps({"vocab_size": Evil()}))
+    with pytest.raises(ConfigError, match="not a plain nanoGPT meta.pkl"):
+        load_config(str(p), [])
