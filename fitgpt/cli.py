@@ -20,6 +20,8 @@ commands:
   plan [CONFIG] [--section.key=value ...] [--gpu NAME_OR_SIZE] [--fit] [--json] [--verify]
                      predict the memory of training and evaluation on a card (rtx4070, a100-80gb,
                      12GB, ...), and what to change if it does not fit; --verify measures it
+  prepare fineweb|text ...  tokenize FineWeb or text files into shards (fitgpt prepare -h)
+  data inspect DIR [--verify] [--sample N]  shard counts, checks, document lengths, a sample
 
 CONFIG is a TOML file, a nanoGPT-style Python config file, or a built-in name (demo, gpt2-124m,
 seed-77m). Overrides: --eval.batch_size=4 or nanoGPT's flat --eval_batch_size=4.
@@ -82,6 +84,10 @@ def cmd_train(args: list[str]) -> int:
             from fitgpt.resume import resume_config
 
             cfg, ckpt, run_dir = resume_config("auto", config, overrides, notes)
+    if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from fitgpt.distributed import launch
+
+        return launch(cfg.parallel.nproc, ["train", *args])
     from fitgpt.log import say
 
     for note in notes:
@@ -179,7 +185,19 @@ def cmd_plan(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan}
+def cmd_prepare(args: list[str]) -> int:
+    from fitgpt.prepare import cmd_prepare as prepare
+
+    return prepare(args)
+
+
+def cmd_data(args: list[str]) -> int:
+    from fitgpt.inspect_data import cmd_data as data
+
+    return data(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "prepare": cmd_prepare, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

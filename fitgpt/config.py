@@ -154,6 +154,18 @@ class LogConfig:
     """Weights & Biases run name (default: the run folder name)."""
 
 
+@dataclass
+class ParallelConfig:
+    """More than one process (torchrun)."""
+
+    nproc: int = 1
+    """Processes on this machine: above 1, `fitgpt train` relaunches itself under torchrun."""
+    mode: str = "ddp"
+    """ddp: a whole model per process, gradients all-reduced; fsdp: weights, grads, AdamW state sharded (FSDP2)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -161,6 +173,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "memory": MemoryConfig,
     "log": LogConfig,
+    "parallel": ParallelConfig,
 }
 
 
@@ -174,6 +187,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     name: str = "default"
     """Where this configuration came from (file stem), used in run names."""
 

@@ -67,9 +67,12 @@ NANOGPT_KEYS: dict[str, str] = {
     "eval_batch_size": "eval.batch_size",
     "eval_block_size": "eval.block_size",
     "grad_checkpoint": "memory.checkpointing",
+    "backend": "parallel.backend",
+    # fitgpt's own shortcut
+    "nproc": "parallel.nproc",
 }
 # Keys nanoGPT has that a single fitgpt process has no use for; accepted and ignored with a note.
-NANOGPT_ACCEPTED = {"backend": "the process-group backend is chosen by torchrun's environment"}
+NANOGPT_ACCEPTED: dict[str, str] = {}
 
 # nanoGPT's train.py defaults. device, dtype and compile are left to fitgpt's 'auto' choices:
 # nanoGPT's defaults for them assume a CUDA machine.
@@ -439,6 +442,13 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"memory.headroom must be in [0, 0.9), got {mem.headroom}")
     if mem.budget is not None:
         parse_size(mem.budget)
+    par = cfg.parallel
+    if par.nproc < 1:
+        raise ConfigError(f"parallel.nproc must be positive, got {par.nproc}")
+    if par.mode not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel.mode: expected ddp or fsdp, got {par.mode!r}")
+    if par.backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"parallel.backend: expected auto, nccl or gloo, got {par.backend!r}")
     if t.init_from not in ("scratch", "resume") and not t.init_from.startswith("gpt2"):
         raise ConfigError(f"train.init_from: expected scratch or resume, got {t.init_from!r}")
 

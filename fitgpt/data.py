@@ -13,15 +13,18 @@ avoid the slow leak of long-lived memmaps), never loaded into Python lists.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where batches are made, so `fitgpt prepare` stays light
+    import torch
 
 from fitgpt.errors import ConfigError, DataError
 from fitgpt.fileio import atomic_write
@@ -156,6 +159,8 @@ def _gather(
         tokens = _open_tokens(shards[s], *layout[s])
         buf[rows] = tokens[offsets[rows, None] + span]  # (rows, T+1) gather from the memmap
         del tokens
+    import torch
+
     t = torch.from_numpy(buf)
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T) each
 
@@ -345,6 +350,13 @@ class ValWindows:
     def n_tokens(self) -> int:
         """Number of target tokens in the set (``n_windows * block_size``)."""
         return self.n_windows * self.block_size
+
+    def shard(self, rank: int, world: int) -> ValWindows:
+        """This rank's share of the windows (every world-th, from rank): the shares of all ranks
+        are disjoint and together are the whole set, so summed losses match one process."""
+        part = copy.copy(self)
+        part._which, part._offsets = self._which[rank::world], self._offsets[rank::world]
+        return part
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` int64 tensors over all windows in order; the last may be smaller."""

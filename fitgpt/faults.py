@@ -6,6 +6,7 @@ Set FITGPT_FAULT to a comma-separated list of:
                         (micro- or eval) batch is at least BATCH sequences
   nan:STEP              make the training loss NaN at STEP
   kill:STEP             SIGKILL this process right after the checkpoint at STEP is saved
+  raise:RANK:STEP       raise an error in process RANK at STEP (a failing rank under torchrun)
 Steps count optimizer steps from 0, as the log does. Unset, every check is a dictionary lookup.
 """
 
@@ -42,3 +43,9 @@ def nan_at(step: int) -> bool:
 def maybe_kill(step: int) -> None:
     if any(f[0] == "kill" and int(f[1]) == step for f in _faults()):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_raise(step: int) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    if any(f[0] == "raise" and int(f[1]) == rank and int(f[2]) == step for f in _faults()):
+        raise RuntimeError(f"injected failure in rank {rank} at step {step}")

@@ -10,6 +10,7 @@ training began). Out of memory in either phase backs off and retries the same da
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fitgpt import __version__, faults, report
+from fitgpt import __version__, distributed, faults, report
 from fitgpt.checkpoint import save_checkpoint
 from fitgpt.config import Config
 from fitgpt.configio import summary_lines, to_dict, to_toml
@@ -58,23 +59,25 @@ def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: fl
     skipped) with the loss and norm as device tensors; nothing else survives the call.
     A non-finite loss skips the optimizer step (the GradScaler's own skip with float16)."""
     data = data if data is not None else [batches.next_batch() for _ in range(grad_accum)]
+    grad_accum = len(data)  # this process's share of the step's micro-batches
     loss_sum = torch.zeros((), device=rt.device)
-    for xb, yb in data:
-        n = xb.size(0)
-        for xs, ys in zip(xb.tensor_split(split), yb.tensor_split(split)):
-            if xs.size(0) == 0:
-                continue
-            faults.maybe_oom("train", step, xs.size(0))
-            x, y = rt.to_device(xs, ys)
+    pieces = [(i, xs, ys) for i, (xb, yb) in enumerate(data)
+              for xs, ys in zip(xb.tensor_split(split), yb.tensor_split(split)) if xs.size(0)]
+    for k, (i, xs, ys) in enumerate(pieces):
+        n = data[i][0].size(0)
+        faults.maybe_oom("train", step, xs.size(0))
+        faults.maybe_raise(step)
+        x, y = rt.to_device(xs, ys)
+        with distributed.no_sync(model, last=k == len(pieces) - 1):
             with rt.autocast():
                 loss = model(x, y)
             if faults.nan_at(step):
                 loss = loss * float("nan")
             weight = xs.size(0) / n / grad_accum  # slices of a micro-batch weigh by their size
             scaler.scale(loss * weight).backward()
-            loss_sum += loss.detach() * (xs.size(0) / n)
-            del x, y, loss
-    loss = loss_sum / grad_accum
+        loss_sum += loss.detach() * (xs.size(0) / n)
+        del x, y, loss
+    loss = distributed.mean_across(loss_sum / grad_accum)  # NaN on any process: NaN on all
     skipped = not bool(torch.isfinite(loss).item())  # one sync per optimizer step
     norm = None
     if skipped and not scaler.is_enabled():
@@ -163,21 +166,33 @@ def check_tokens(data: list, vocab: int, where: str) -> None:
 
 def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> dict[str, Any]:
     """Train (or, with train.eval_only, evaluate) and return the run summary."""
-    rt = resolve_runtime(cfg.train.device, cfg.train.dtype)
-    data_dir = resolve_data_dir(cfg.data.dir)
+    world, device = distributed.init(cfg.train.device, cfg.parallel.backend)
+    if world.active:
+        distributed.check_divisible(cfg.train.grad_accum, world)
+    rt = resolve_runtime(device, cfg.train.dtype)
+    data_dir = resolve_data_dir(cfg.data.dir) if world.main else None
+    data_dir = distributed.broadcast_object(data_dir, world)  # the demo is prepared once
     train_files, val_files = find_splits(data_dir)
     batches = TrainBatches(train_files, cfg.model.block_size, cfg.train.batch_size, cfg.data.seed)
+    fsdp = world.active and cfg.parallel.mode == "fsdp"
     val = ValWindows(val_files, cfg.eval_block_size, cfg.eval_windows)
+    val_share = val.shard(world.rank, world.size) if world.active and not fsdp else val
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, rt.device, init=ckpt is None)
+    if ckpt is not None:
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    wrapped = distributed.wrap(model, cfg.parallel.mode, world, rt)
     optimizer = model.configure_optimizer(cfg.train.weight_decay, cfg.train.lr,
                                           (cfg.train.beta1, cfg.train.beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     state = State(split=cfg.memory.micro_split, eval_batch=cfg.eval_batch_size)
+    resume_notes = []
     if ckpt is not None:
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
-        for obj, key in ((optimizer, "optimizer"), (scaler, "scaler"), (batches, "sampler")):
+        if "optimizer" in ckpt and not distributed.load_optimizer_state(model, optimizer, ckpt["optimizer"]):
+            resume_notes.append("the checkpoint's optimizer state is index-keyed (nanoGPT): FSDP "
+                                "starts with a fresh AdamW state")
+        for obj, key in ((scaler, "scaler"), (batches, "sampler")):
             if key in ckpt:
                 obj.load_state_dict(ckpt[key])
         if "rng" in ckpt:
@@ -189,13 +204,16 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         state.split = max(state.split, int(back.get("micro_split", 1)))
         state.eval_batch = min(state.eval_batch, int(back.get("eval_batch_size", state.eval_batch)))
         ckpt = None  # drop the references: the tensors now live in the model and optimizer
-    fwd = maybe_compile(model, cfg.train.compile)
+    fwd = maybe_compile(wrapped, cfg.train.compile)
+    eval_model = model if world.active and not fsdp else fwd  # DDP: no collectives in eval
 
-    run_dir = run_dir or report.make_run_dir(cfg)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    if world.main:
+        run_dir = run_dir or report.make_run_dir(cfg)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+    run_dir = distributed.broadcast_object(run_dir, world)
     total = cfg.train.max_steps
     log = RunLog(run_dir, max(0, total - state.step), cfg.log.progress)
-    wandb_run = report.start_wandb(cfg, run_dir) if cfg.log.wandb else None
+    wandb_run = report.start_wandb(cfg, run_dir) if cfg.log.wandb and world.main else None
     meter = Meter(rt, cfg.memory.track)
     for line in summary_lines(cfg):
         log.info(line)
@@ -208,16 +226,23 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
              f"{state.eval_batch} | loss {cfg.memory.loss}"
              + (f" (chunk {cfg.memory.loss_chunk})" if cfg.memory.loss == "chunked" else "")
              + (" | activation checkpointing" if cfg.memory.checkpointing else "")
-             + (f" | micro-batch split in {state.split}" if state.split > 1 else ""))
+             + (f" | micro-batch split in {state.split}" if state.split > 1 else "")
+             + (f" | {world.size} processes, {cfg.parallel.mode}" if world.active else ""))
+    for note in resume_notes:
+        log.info(f"note: {note}")
 
-    def checkpoint() -> Path:
-        st = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    def checkpoint() -> Path | None:
+        st = {"model": distributed.full_model_state(model, fsdp),
+              "optimizer": distributed.full_optimizer_state(model, optimizer),
               "scaler": scaler.state_dict(), "step": state.step, "tokens": state.tokens,
               "best_val_loss": state.best_val, "config": to_dict(cfg),
               "sampler": batches.state_dict(), "rng": rng_state(), "version": __version__,
               "backoff": {"micro_split": state.split, "eval_batch_size": state.eval_batch}}
-        path = save_checkpoint(run_dir, st, state.step, cfg.log.keep)
-        log.info(f"saved {path}")
+        path = None
+        if world.main:
+            path = save_checkpoint(run_dir, st, state.step, cfg.log.keep)
+            log.info(f"saved {path}")
+        distributed.barrier(world)
         return path
 
     def backoff(phase: str, what: str, old: int, new: int) -> None:
@@ -234,12 +259,17 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     def do_eval(measure: bool) -> EvalResult:
         while True:
             ok, out = attempt(lambda: meter.measure(
-                lambda: evaluate(fwd, val, state.eval_batch, rt, step=state.step,
+                lambda: evaluate(eval_model, val_share, state.eval_batch, rt, step=state.step,
                                  vocab=cfg.model.vocab_size), model, optimizer, measure),
                 cfg.memory.recover)
             if ok:
                 state.peaks.record("eval", *out[1:])
-                return out[0]
+                res = out[0]
+                if val_share is not val:  # sum the shares of all processes
+                    nats, tokens = distributed.all_reduce_sum([res.loss * res.tokens, res.tokens],
+                                                              rt.device)
+                    res = dataclasses.replace(res, loss=nats / tokens, tokens=int(tokens))
+                return res
             if state.eval_batch == 1:
                 give_up("evaluation", "eval batch size 1")
             backoff("evaluation", "eval_batch_size", state.eval_batch, state.eval_batch // 2)
@@ -247,6 +277,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
 
     def do_step():
         data = [batches.next_batch() for _ in range(cfg.train.grad_accum)]  # kept for retries
+        data = data[world.rank::world.size]  # this process's share of the global stream
         check_tokens(data, cfg.model.vocab_size, f"training data in {data_dir}")
         while True:
             ok, out = attempt(lambda: meter.measure(
@@ -321,9 +352,11 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     if status == "stopped":
         log.info(f"stopped at step {state.step}; resume with: fitgpt train --resume {run_dir}")
     summary = report.summary(cfg, state, model, rt, run_dir, status)
-    if cfg.eval.sample_tokens and status == "completed":
-        summary["sample"] = report.sample_text(model, cfg, rt)
-    report.write_json(run_dir / "summary.json", summary)
+    if world.main:
+        if cfg.eval.sample_tokens and status == "completed" and not fsdp:
+            summary["sample"] = report.sample_text(model, cfg, rt)
+        report.write_json(run_dir / "summary.json", summary)
     if wandb_run is not None:
         wandb_run.finish()
+    distributed.barrier(world)
     return summary
