@@ -121,3 +121,22 @@ def test_full_logits_loss_path_matches_memory_notes():
     loss_full = dict((p.name, p.bytes) for p in ef.train.parts)["logits and loss"]
     assert abs(loss_full - 12 * b * T * V) <= 0.01 * 12 * b * T * V
     assert ef.train.allocated - ec.train.allocated > 0.85 * loss_full
+
+
+def test_parallel_modes_per_process():
+    """Per-process memory under DDP keeps gradients in buckets; FSDP2 shards weights, gradients
+    and AdamW state, so at GPT-2 124M on 4 processes it needs less than one process."""
+    cfg = make_cfg(12, 768, 12, 50257, 1024, 8, 4, "chunked", False, False, None, None)
+    single = estimate(cfg, "cuda", "bfloat16")
+    cfg.parallel.nproc, cfg.parallel.mode = 4, "ddp"
+    ddp = estimate(cfg, "cuda", "bfloat16")
+    parts = {p.name: p.bytes for p in ddp.train.parts}
+    assert parts["DDP gradient buckets"] == pytest.approx(4 * ddp.params, rel=1e-3)
+    assert "gradients" not in parts or parts["gradients"] == 0
+    cfg.parallel.mode = "fsdp"
+    fsdp = estimate(cfg, "cuda", "bfloat16")
+    fparts = {p.name: p.bytes for p in fsdp.train.parts}
+    assert fparts["optimizer state"] == pytest.approx(8 * fsdp.params / 4, rel=0.01)
+    # with accumulation a single process holds its gradients all step; DDP's buckets replace them
+    assert abs(ddp.train.allocated - single.train.allocated) < 0.01 * single.train.allocated
+    assert fsdp.train.allocated < 0.9 * single.train.allocated

@@ -66,13 +66,15 @@ class Estimate:
 class Timeline:
     """Running total of live bytes by kind; remembers the breakdown at the peak."""
 
-    def __init__(self):
+    def __init__(self, scale: dict[str, float] | None = None):
         self.live: dict[str, int] = {}
         self.current = 0
         self.peak = 0
         self.at_peak: dict[str, int] = {}
+        self.scale = scale or {}  # per kind: 1/world for what FSDP shards, 0 for what it removes
 
     def alloc(self, kind: str, n: int) -> tuple[str, int]:
+        n = n * self.scale.get(kind, 1)
         n = r(n) if n > 0 else 0
         self.live[kind] = self.live.get(kind, 0) + n
         self.current += n
@@ -342,6 +344,19 @@ def _weights(tl: Timeline, sizes: list[int]) -> None:
         tl.alloc("weights", 4 * n)
 
 
+def _parallel(cfg: Config, a: int) -> tuple[int, str, dict[str, float]]:
+    """Processes, mode, and how FSDP scales each kind of memory per process."""
+    world, mode = max(1, cfg.parallel.nproc), cfg.parallel.mode
+    if world == 1:
+        return 1, "single", {}
+    if mode == "ddp":
+        return world, mode, {}
+    # FSDP2: weights, gradients and AdamW state sharded; with 16-bit compute the gathered
+    # parameters are already 16-bit, so autocast makes no copies
+    return world, mode, {"weights": 1 / world, "optimizer state": 1 / world,
+                         "gradients": 1 / world, "autocast weight copies": 0 if a == 2 else 1}
+
+
 def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     s = _shape(cfg)
     split = cfg.memory.micro_split
@@ -349,13 +364,19 @@ def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     N = b * T
     chunked = cfg.memory.loss == "chunked"
     sizes = s.param_sizes()
-    tl = Timeline()
+    world, mode, scale = _parallel(cfg, a)
+    tl = Timeline(scale)
     _weights(tl, sizes)
     _optimizer_state(tl, sizes)
+    if mode == "ddp":  # gradients live in DDP's buckets (gradient_as_bucket_view)
+        tl.alloc("DDP gradient buckets", 4 * sum(sizes))
     tl.alloc("batch", 4)  # loss_sum
     grads: list = []
-    for micro in range(min(cfg.train.grad_accum * split, 2)):
-        have_grads = micro > 0
+    for micro in range(min(cfg.train.grad_accum // world * split, 2)):
+        have_grads = micro > 0 or mode == "ddp"
+        if mode == "fsdp":  # the root's parameters and two blocks' gathered, in the compute dtype
+            root = s.V * s.C + s.block * s.C + 2 * s.C
+            gathered = tl.alloc("FSDP gathered parameters", a * (root + 2 * sum(sizes[2:]) / s.L))
         batch = [tl.alloc("batch", 8 * N), tl.alloc("batch", 8 * N)]
         pos = tl.alloc("batch", 8 * T)
         tl.transient("activations", 4 * N * s.C, 4 * T * s.C)
@@ -407,6 +428,8 @@ def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
             grads += [tl.alloc("gradients", 4 * s.C) for _ in range(1 + s.bias)]
         tl.transient("gradients", 4 * s.V * s.C, 4 * s.V * s.C)
         tl.free(*batch)
+        if mode == "fsdp":
+            tl.free(gathered)
     # clip_grad_norm_: one norm per tensor, stacked
     tl.transient("optimizer step", *([4] * len(sizes)), 4, 4, 4, 4)
     if device_type != "cuda":
@@ -420,9 +443,15 @@ def eval_timeline(cfg: Config, a: int) -> Timeline:
     b, T = cfg.eval_batch_size, cfg.eval_block_size
     N = b * T
     sizes = s.param_sizes()
-    tl = Timeline()
+    world, mode, scale = _parallel(cfg, a)
+    tl = Timeline(scale)
     _weights(tl, sizes)
     _optimizer_state(tl, sizes)
+    if mode == "ddp":
+        tl.alloc("DDP gradient buckets", 4 * sum(sizes))
+    if mode == "fsdp":
+        root = s.V * s.C + s.block * s.C + 2 * s.C
+        tl.alloc("FSDP gathered parameters", a * (root + 2 * sum(sizes[2:]) / s.L))
     tl.alloc("eval buffers", 8)  # the loss sum
     batch = [tl.alloc("eval buffers", 8 * N), tl.alloc("eval buffers", 8 * N)]
     pos = tl.alloc("eval buffers", 8 * T)
@@ -466,7 +495,13 @@ def estimate(cfg: Config, device_type: str = "cuda", dtype: str | None = None) -
         "autocast weight copies": f"16-bit copies of the matmul weights ({dtype})",
         "batch": "token ids, int64",
         "optimizer step": "clip-norm and AdamW temporaries",
+        "DDP gradient buckets": "fp32 gradients in DDP's all-reduce buckets: 4 B/param",
+        "FSDP gathered parameters": "the root's and two blocks' parameters, gathered (approximate)",
     }
+    world, mode, _ = _parallel(cfg, a)
+    if mode == "fsdp":
+        for k in ("weights", "optimizer state", "gradients"):
+            notes[k] += f", sharded over {world} processes"
     tn = dict(notes)
     tn["activations"] = f"{L} layers x b={b} x s={T} x h={C}, {per_block}"
     tn["logits and loss"] = (f"chunks of {chunk} rows x V={s.V} + grads of h and lm_head"
