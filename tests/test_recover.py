@@ -251,3 +251,15 @@ def test_second_ctrl_c_exits_at_once_without_damage(shard_dir, tmp_path):
     assert proc.returncode == 130, seen + out
     assert load_checkpoint(tmp_path / "run")["step"] >= 2
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
+
+
+def test_out_of_memory_message_quotes_the_planner():
+    """The give-up message carries the planner's best fitting change for the budget."""
+    from fitgpt.configio import load_config
+    from fitgpt.memory.recover import best_suggestion
+
+    cfg = load_config("seed-77m", ["--memory.loss=full", "--eval.batch_size=16",
+                                   "--memory.budget=12GB"])
+    assert best_suggestion(cfg) == "the planner suggests: chunked loss (--memory.loss=chunked)"
+    cfg.memory.budget = None
+    assert best_suggestion(cfg) == ""  # no card and no budget: nothing to plan for

@@ -47,15 +47,20 @@ def release(model: torch.nn.Module, optimizer, rt: Runtime) -> None:
 
 
 def best_suggestion(cfg) -> str:
-    """The planner's best fitting proposal, as a line to print, or '' if there is none."""
+    """The planner's best fitting proposal for this card (or memory.budget), as a line to
+    print, or '' when there is no card to plan for or nothing fits."""
     try:
+        from fitgpt.configio import parse_size
         from fitgpt.memory.fit import proposals
-        from fitgpt.memory.gpus import current_gpu
+        from fitgpt.memory.gpus import current_gpu, find_gpu
 
-        gpu = current_gpu() if torch.cuda.is_available() else None
+        gpu = find_gpu(cfg.memory.budget) if cfg.memory.budget else (
+            current_gpu() if torch.cuda.is_available() else None)
         if gpu is None:
             return ""
-        props = [p for p in proposals(cfg, gpu, gpu.memory) if p.fits]
+        budget = parse_size(cfg.memory.budget) if cfg.memory.budget else gpu.memory
+        limit = int(budget * (1 - cfg.memory.headroom))
+        props = [p for p in proposals(cfg, gpu, limit) if p.fits]
     except Exception:  # noqa: BLE001 - a suggestion is a courtesy, never a second failure
         return ""
     if not props:
