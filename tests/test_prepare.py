@@ -1,0 +1,479 @@
+"""`fitgpt prepare` and `fitgpt data inspect`: exact shard bytes, determinism across worker
+counts, resume, every input format, faults, inspection, and training on the result."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fitgpt import pipeline
+from fitgpt.cli import main
+from fitgpt.data import HEADER_BYTES, MAGIC, find_splits, read_shard, write_token_shards
+from fitgpt.errors import DataError
+from fitgpt.inspect_data import cmd_data
+from fitgpt.prepare import Progress, cmd_prepare, parse_count
+from fitgpt.tokenizer import EOT, gpt2_encoding
+
+WORDS = ("the quick brown fox jumps over a lazy dog and then some words follow here with "
+         "café naïve 東京 🙂 numbers 1234 5678 punctuation ; : ! ? <|endoftext|> tabs\tand\nlines").split(" ")
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    """n documents of 5..60 words, with non-ASCII text and a literal '<|endoftext|>' string."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) for _ in range(n)]
+
+
+def expected_stream(docs: list[str]) -> np.ndarray:
+    """EOT + tokens of doc 1 + EOT + tokens of doc 2 ..., straight from tiktoken."""
+    enc = gpt2_encoding()
+    out: list[int] = []
+    for d in docs:
+        if d.strip():
+            out += [EOT, *enc.encode_ordinary(d)]
+    return np.array(out, dtype=np.int64)
+
+
+def read_stream(out: Path) -> np.ndarray:
+    train, val = find_splits(out)
+    return np.concatenate([np.asarray(read_shard(p), dtype=np.int64) for p in val + train])
+
+
+def write_fineweb_parquet(path: Path, docs: list[str], row_group_size: int = 7) -> None:
+    """A parquet file in FineWeb's schema (all nine columns), small row groups."""
+    n = len(docs)
+    table = pa.table({
+        "text": pa.array(docs, pa.string()),
+        "id": pa.array([f"<urn:uuid:{i:08d}>" for i in range(n)], pa.string()),
+        "dump": pa.array(["CC-MAIN-2024-10"] * n, pa.string()),
+        "url": pa.array([f"https://example.com/{i}" for i in range(n)], pa.string()),
+        "date": pa.array(["2024-02-21T00:00:00Z"] * n, pa.string()),
+        "file_path": pa.array(["s3://commoncrawl/x.warc.gz"] * n, pa.string()),
+        "language": pa.array(["en"] * n, pa.string()),
+        "language_score": pa.array([0.9] * n, pa.float64()),
+        "token_count": pa.array([len(d) // 4 for d in docs], pa.int64()),
+    })
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def folder_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture
+def fineweb_dir(tmp_path: Path) -> tuple[Path, list[str]]:
+    """Two FineWeb-schema parquet files of 30 documents each."""
+    d = tmp_path / "fw"
+    d.mkdir()
+    docs = make_docs(60, seed=1)
+    write_fineweb_parquet(d / "000_00000.parquet", docs[:30])
+    write_fineweb_parquet(d / "001_00000.parquet", docs[30:])
+    return d, docs
+
+
+def test_shards_match_the_llmc_format_byte_for_byte(tmp_path: Path) -> None:
+    """Guards against a wrong header, size, token order, EOT placement (must come before each
+    document), special-token handling or manifest hash/count."""
+    docs = make_docs(25) + ["", "   "]  # blank records hold no document
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(docs)))
+    out = tmp_path / "out"
+    assert cmd_prepare(["text", str(src), "--out", str(out), "--val-tokens", "50", "--shard-tokens", "200",
+                        "--workers", "1"]) == 0
+    expected = expected_stream(docs)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["documents"] == 25
+    assert manifest["total_tokens"] == expected.size and manifest["val_tokens"] == 50
+    names = [e["file"] for e in manifest["shards"]]
+    assert names[0] == "text_val_000000.bin" and names[1:3] == ["text_train_000001.bin", "text_train_000002.bin"]
+    stream = []
+    for i, entry in enumerate(manifest["shards"]):
+        raw = (out / entry["file"]).read_bytes()
+        header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+        assert header[0] == MAGIC and header[1] == 1 and header[2] == entry["tokens"]
+        assert not header[3:].any()
+        assert len(raw) == HEADER_BYTES + 2 * entry["tokens"]
+        assert entry["tokens"] == (50 if i == 0 else 200) or i == len(names) - 1
+        tokens = np.frombuffer(raw[HEADER_BYTES:], dtype="<u2")
+        assert entry["documents"] == int((tokens == EOT).sum())
+        assert entry["sha256"] == pipeline.file_sha256(out / entry["file"])
+        stream.append(tokens)
+    assert np.array_equal(np.concatenate(stream), expected)
+    assert manifest["tokenizer"]["vocab_sha256"] and manifest["tokenizer"]["eot"] == EOT
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_pipeline_matches_the_old_demo_writer(tmp_path: Path) -> None:
+    """Guards the demo refactor: the pipeline writes what data.write_token_shards wrote."""
+    docs = make_docs(40, seed=3)
+    enc = gpt2_encoding()
+    old = write_token_shards([enc.encode_ordinary(d) for d in docs], tmp_path / "a", "x",
+                             val_tokens=64, shard_tokens=256)
+    from fitgpt.sources import ListSource
+
+    new = pipeline.prepare_shards(ListSource(docs, {"kind": "list"}), tmp_path / "b", "x", val_tokens=64,
+                                  shard_tokens=256)
+    assert [e["sha256"] for e in new["shards"]] == [e["sha256"] for e in old["shards"]]
+
+
+def test_worker_count_does_not_change_the_output(
+    fineweb_dir: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against out-of-order chunks from the process pool, output that depends on
+    --workers, workers that only work when forked (spawn must work too), and a pool that does
+    not stop early at --tokens (cut inside a document)."""
+    d, docs = fineweb_dir
+    outs = []
+    for workers, start in ((1, ""), (2, "fork"), (2, "spawn")):
+        monkeypatch.setenv("FITGPT_PREPARE_START", start)
+        out = tmp_path / f"w{workers}{start}"
+        args = ["fineweb", "--parquet", str(d / "*.parquet"), "--out", str(out), "--tokens", "1234",
+                "--val-tokens", "100", "--shard-tokens", "300", "--workers", str(workers)]
+        assert cmd_prepare(args) == 0
+        outs.append(folder_bytes(out))
+    assert outs[0] == outs[1] == outs[2]
+    stream = read_stream(tmp_path / "w1")
+    assert np.array_equal(stream, expected_stream(docs)[:1234])
+    manifest = json.loads(outs[0]["manifest.json"])
+    assert manifest["source"]["kind"] == "parquet" and manifest["dataset"] == "HuggingFaceFW/fineweb"
+    assert manifest["shards"][-1]["end_offset"] > 0  # the last document was cut
+
+
+def test_interrupted_run_resumes_to_identical_bytes(
+    fineweb_dir: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against resume writing different bytes than an uninterrupted run (wrong input
+    position, a document cut twice or skipped), re-writing verified shards, or trusting a
+    damaged shard."""
+    d, _ = fineweb_dir
+    def args(out: Path, workers: int) -> list[str]:
+        return ["fineweb", "--parquet", str(d), "--out", str(out), "--val-tokens", "150", "--shard-tokens",
+                "250", "--workers", str(workers)]
+    assert cmd_prepare(args(tmp_path / "full", 1)) == 0
+    full = folder_bytes(tmp_path / "full")
+
+    real_write = pipeline.write_shard
+    calls: list[str] = []
+    def crash_on_third(path, tokens):  # val and train_000001 complete, then the process "dies"
+        calls.append(Path(path).name)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_write(path, tokens)
+    monkeypatch.setattr(pipeline, "write_shard", crash_on_third)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cmd_prepare(args(out, 2))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "in progress" and len(manifest["shards"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin",
+                                                      "manifest.json"]
+    calls.clear()
+    monkeypatch.setattr(pipeline, "write_shard", lambda p, t: calls.append(Path(p).name) or real_write(p, t))
+    assert cmd_prepare(args(out, 1)) == 0
+    assert "fineweb_val_000000.bin" not in calls and "fineweb_train_000001.bin" not in calls
+    assert folder_bytes(out) == full
+
+    damaged = out / "fineweb_train_000002.bin"  # same size, one token changed: only sha256 sees it
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 1
+    damaged.write_bytes(bytes(raw))
+    calls.clear()
+    assert cmd_prepare(args(out, 1)) == 0
+    assert calls[0] == "fineweb_train_000002.bin"
+    assert folder_bytes(out) == full
+    calls.clear()
+    assert cmd_prepare(args(out, 1)) == 0  # complete and verified: nothing to do
+    assert calls == []
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    """Guards against silently mixing two preparations (other sizes or inputs) in one folder."""
+    src = tmp_path / "a.txt"
+    src.write_text("\n".join(make_docs(30)))
+    out = tmp_path / "out"
+    base = ["text", str(src), "--split-by", "line", "--out", str(out), "--val-tokens", "40", "--workers", "1"]
+    assert cmd_prepare(base + ["--shard-tokens", "200"]) == 0
+    with pytest.raises(DataError, match="shard_tokens"):
+        cmd_prepare(base + ["--shard-tokens", "300"])
+
+
+def test_text_inputs_in_every_format_and_unit(tmp_path: Path) -> None:
+    """Guards against wrong document units: a document per file (text default), per line with
+    blank lines skipped, per JSON record with --field, per parquet row, and mixed inputs."""
+    docs = make_docs(12, seed=5)
+    docs[3:8] = [d.replace("\n", " ") for d in docs[3:8]]  # a document per line: no newline inside
+    files = []
+    for i in range(3):
+        f = tmp_path / f"book{i}.txt"
+        f.write_text(docs[i])
+        files.append(f)
+    cases = {
+        "files": ([str(f) for f in files], [], docs[:3]),
+        "lines": ([str(tmp_path / "lines.txt")], ["--split-by", "line"], docs[3:8]),
+        "jsonl": ([str(tmp_path / "c.jsonl")], ["--field", "content"], docs[8:12]),
+        "parquet": ([str(tmp_path / "p.parquet")], [], docs),
+    }
+    (tmp_path / "lines.txt").write_text("\n\n".join(docs[3:8]).replace("\n", "\r\n") + "\n\n   \n")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"content": d}) + "\n\n" for d in docs[8:12]))
+    write_fineweb_parquet(tmp_path / "p.parquet", docs)
+    for name, (inputs, extra, expected_docs) in cases.items():
+        out = tmp_path / f"out-{name}"
+        assert cmd_prepare(["text", *inputs, "--out", str(out), "--workers", "1", "--val-tokens", "30", *extra]) == 0
+        assert np.array_equal(read_stream(out), expected_stream(expected_docs)), name
+        assert json.loads((out / "manifest.json").read_text())["documents"] == len(expected_docs)
+    out = tmp_path / "folder"  # a folder of text files: its files in name order, a document each
+    assert cmd_prepare(["text", str(tmp_path / "book*.txt"), "--out", str(out), "--val-tokens", "30"]) == 0
+    assert np.array_equal(read_stream(out), expected_stream(docs[:3]))
+
+
+def test_token_ids_beyond_uint16_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against ids >= 65536 being wrapped silently into uint16 shards."""
+    import fitgpt.encode as encode
+
+    class Wide:  # a tokenizer with a larger vocabulary
+        def __getattr__(self, name):
+            return getattr(gpt2_encoding(), name)
+
+        def encode_to_numpy(self, text, **kw):
+            return np.array([70000, 1], dtype=np.uint32)
+
+    monkeypatch.setattr(encode, "gpt2_encoding", Wide)
+    src = tmp_path / "a.txt"
+    src.write_text("hello")
+    with pytest.raises(DataError, match="token id 70000 in record 0 does not fit in uint16"):
+        cmd_prepare(["text", str(src), "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "blank", "no-text-column", "not-parquet", "out-under-file",
+                                  "tiny", "bad-json"])
+def test_input_and_output_faults_give_one_line_and_exit_2(case: str, tmp_path: Path, capsys) -> None:
+    """Guards against tracebacks, partial shards or manifests for bad inputs and outputs."""
+    out = tmp_path / "out"
+    src = tmp_path / "in.txt"
+    if case == "empty":
+        src.write_text("")
+    elif case == "blank":
+        src.write_text("\n  \n\n")
+    elif case == "tiny":
+        src.write_text("just a few words")
+    elif case == "no-text-column":
+        src = tmp_path / "in.parquet"
+        pq.write_table(pa.table({"content": ["a", "b"], "id": ["1", "2"]}), src)
+    elif case == "not-parquet":
+        src = tmp_path / "in.parquet"
+        src.write_text("this is not parquet")
+    elif case == "bad-json":  # found by the pool's feeder thread, deep in the input
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(40)) + "{oops\n")
+    elif case == "out-under-file":  # tests run as root: a path under a regular file is unwritable
+        src.write_text("some text to tokenize")
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+    args = ["prepare", "text", str(src), "--out", str(out), "--workers", "2" if case == "bad-json" else "1"]
+    if case in ("tiny", "bad-json"):
+        args += ["--val-tokens", "100" if case == "tiny" else "100000"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fitgpt: error:") and "\n" not in err
+    expect = {"missing": "not found", "empty": "empty", "blank": "no documents", "no-text-column": "no column 'text'",
+              "not-parquet": "not a readable parquet", "out-under-file": "cannot create the output folder",
+              "tiny": "nothing is left for training", "bad-json": "in.jsonl:41: not a JSON line"}[case]
+    assert expect in err
+    if out.exists():
+        assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("fail_at", [0, 2])
+def test_full_disk_leaves_no_partial_shard_and_manifest_unchanged(
+    fail_at: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Guards against a half-written shard under its final name, or a manifest that lists a
+    shard that was not written, when the disk fills up (ENOSPC at fsync)."""
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(30)))
+    out = tmp_path / "out"
+    real_fsync = os.fsync
+    seen: list[str] = []
+    before: dict[str, bytes] = {}
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith(".bin.tmp"):
+            seen.append(name)
+            if len(seen) == fail_at + 1:
+                before.update(folder_bytes(out))
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    args = ["prepare", "text", str(src), "--out", str(out), "--val-tokens", "50", "--shard-tokens", "150",
+            "--workers", "1"]
+    assert main(args) == 2
+    assert "disk full" in capsys.readouterr().err
+    after = folder_bytes(out)
+    assert {k: v for k, v in after.items()} == {k: v for k, v in before.items() if not k.endswith(".tmp")}
+    assert not any(k.startswith(".") for k in after)  # the temporary file is gone
+    assert len([k for k in after if k.endswith(".bin")]) == fail_at
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(args) == 0  # space freed: the same command finishes the job
+
+
+def test_fineweb_without_network_fails_within_seconds(tmp_path: Path) -> None:
+    """Guards against hanging for ~25 s of retries (or a traceback) when the hub is out of
+    reach: offline mode, and a hub that refuses connections. Both run the real `datasets`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    cmd = [sys.executable, "-m", "fitgpt", "prepare", "fineweb", "--out", str(tmp_path / "out")]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(cmd, env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        subprocess.Popen(cmd, env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "--parquet" in lines[0] and "HuggingFaceFW/fineweb" in lines[0], err
+    assert time.perf_counter() - start < 20
+    assert not (tmp_path / "out").exists()
+
+
+def test_fineweb_without_datasets_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against a raw ImportError when the optional `datasets` package is missing."""
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"pip install datasets.*--parquet"):
+        cmd_prepare(["fineweb", "--out", str(tmp_path / "out")])
+
+
+class FakeStream:
+    """Stands in for a streamed `datasets.IterableDataset` of FineWeb rows."""
+
+    def __init__(self, docs: list[str], fail_at: int | None = None) -> None:
+        self.docs, self.fail_at = docs, fail_at
+
+    def __iter__(self):
+        for i, d in enumerate(self.docs):
+            if i == self.fail_at:
+                raise ConnectionError("connection reset by peer")
+            yield {"text": d, "id": str(i)}
+
+    def skip(self, n: int) -> FakeStream:
+        return FakeStream(self.docs[n:], None if self.fail_at is None else self.fail_at - n)
+
+
+def test_fineweb_streaming_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the streaming path without network (a stand-in for `datasets`): the call made,
+    --tokens, resume through skip(), and one-line errors for a bad subset, no network, and a
+    connection lost while streaming."""
+    docs = make_docs(40, seed=4)
+    calls: list[tuple] = []
+    behaviour: dict = {"stream": FakeStream(docs)}
+
+    def load_dataset(repo, name=None, split=None, streaming=False):
+        calls.append((repo, name, split, streaming))
+        if "error" in behaviour:
+            raise behaviour["error"]
+        return behaviour["stream"]
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no probe request to the hub
+    monkeypatch.setattr(pipeline, "_CHUNK_RECORDS", 4)  # small chunks: shards get written before a failure
+    def args(out: Path) -> list[str]:
+        return ["fineweb", "--dataset", "fineweb-edu", "--tokens", "900", "--val-tokens", "100", "--shard-tokens",
+                "150", "--workers", "1", "--out", str(out)]
+    assert cmd_prepare(args(tmp_path / "full")) == 0
+    assert calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+    assert np.array_equal(read_stream(tmp_path / "full"), expected_stream(docs)[:900])
+    manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    assert manifest["source"] == {"kind": "huggingface", "dataset": "HuggingFaceFW/fineweb-edu",
+                                  "subset": "sample-10BT", "split": "train"}
+    behaviour["stream"] = FakeStream(docs, fail_at=12)  # the connection drops mid-way
+    with pytest.raises(DataError, match="streaming HuggingFaceFW/fineweb-edu failed.*re-run the same command"):
+        cmd_prepare(args(tmp_path / "resumed"))
+    assert len(json.loads((tmp_path / "resumed" / "manifest.json").read_text())["shards"]) >= 2
+    behaviour["stream"] = FakeStream(docs)
+    assert cmd_prepare(args(tmp_path / "resumed")) == 0
+    assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "full")
+    behaviour["error"] = ValueError("BuilderConfig 'sample-1XT' not found")
+    with pytest.raises(DataError, match="cannot open .*check --dataset and --subset"):
+        cmd_prepare(args(tmp_path / "x"))
+    behaviour["error"] = ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub")
+    with pytest.raises(DataError, match="cannot reach .*--parquet"):
+        cmd_prepare(args(tmp_path / "x"))
+
+
+def test_data_inspect_reports_counts_checks_stats_and_text(tmp_path: Path, capsys) -> None:
+    """Guards against an inspect that misses corruption, miscounts documents, or cannot decode."""
+    docs = ["In the beginning God created the heaven and the earth."] + make_docs(20, seed=9)
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "out"
+    assert main(["prepare", "text", str(src), "--out", str(out), "--val-tokens", "60", "--shard-tokens",
+                 "200", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out), "--verify", "--sample", "8"]) == 0
+    text = capsys.readouterr().out
+    lengths = [len(gpt2_encoding().encode_ordinary(d)) for d in docs]
+    assert "text_val_000000.bin" in text and "sha256 ok" in text and "all ok" in text
+    assert f"{len(docs)} documents" in text
+    assert f"count {len(docs)}, mean {np.mean(lengths):.1f}" in text and f"max {max(lengths)}" in text
+    assert "<|endoftext|>In the beginning God created the heaven" in text
+    shard = out / "text_train_000001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[HEADER_BYTES] ^= 1
+    shard.write_bytes(bytes(raw))
+    assert main(["data", "inspect", str(out)]) == 0  # sizes only: still fine
+    assert main(["data", "inspect", str(out), "--verify"]) == 2
+    captured = capsys.readouterr()
+    assert "SHA256 MISMATCH" in captured.out and "text_train_000001.bin" in captured.err
+    with pytest.raises(SystemExit):
+        cmd_data(["inspect"])
+
+
+def test_training_runs_on_prepared_shards(tmp_path: Path, capsys) -> None:
+    """Guards against prepared shards that `fitgpt train --data.dir` cannot find or read."""
+    src = tmp_path / "a.txt"
+    src.write_text("\n".join(make_docs(120, seed=2)))
+    out = tmp_path / "data"
+    assert main(["prepare", "text", str(src), "--split-by", "line", "--out", str(out), "--val-tokens", "300",
+                 "--workers", "1"]) == 0
+    args = ["train", f"--data.dir={out}", "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32",
+            "--model.block_size=32", "--train.batch_size=2", "--train.grad_accum=1", "--train.max_steps=2",
+            "--eval.interval=2", "--eval.tokens=256", "--train.device=cpu", f"--log.out_dir={tmp_path / 'runs'}",
+            "--eval.sample_tokens=0"]
+    assert main(args) == 0
+    summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
+    assert summary["steps"] == 2 and summary["status"] == "completed"
+
+
+def test_counts_and_progress_lines(capsys) -> None:
+    """Guards against misread sizes (1B, 2.5M) and a silent run when stdout is not a terminal."""
+    assert [parse_count(s) for s in ("1B", "100M", "2.5M", "10k", "1e9", "1_000")] == [
+        10**9, 10**8, 2_500_000, 10_000, 10**9, 1000]
+    for bad in ("abc", "0", "1.5"):
+        with pytest.raises(Exception, match="count|whole"):
+            parse_count(bad)
+    p = Progress(total_tokens=1000, total_records=None, tty=False, interval=0)
+    p.advance(records=10, documents=10, tokens=500, nbytes=2000)
+    p.shard_done({"file": "x_val_000000.bin", "tokens": 500, "documents": 10})
+    p.close()
+    out = capsys.readouterr().out
+    assert "10 docs | 500 tokens" in out and "tok/s" in out and "ETA" in out and "wrote x_val_000000.bin" in out
+    bar = Progress(total_tokens=None, total_records=4, tty=True)
+    bar.advance(records=2, documents=2, tokens=50, nbytes=100)
+    bar.close()
