@@ -15,13 +15,20 @@ commands:
   train [CONFIG] [--resume RUN_DIR|auto] [--section.key=value ...]
                      train a GPT; with no CONFIG, the built-in demo (a small GPT on the King
                      James Bible, a few minutes on a CPU)
-  eval --ckpt RUN_DIR_OR_FILE [--section.key=value ...]
-                     evaluate a checkpoint on the validation windows
+  eval --ckpt RUN_DIR_OR_FILE [--task hellaswag --file F] [--section.key=value ...]
+                     evaluate a checkpoint on the validation windows (or on HellaSwag)
   plan [CONFIG] [--section.key=value ...] [--gpu NAME_OR_SIZE] [--fit] [--json] [--verify]
                      predict the memory of training and evaluation on a card (rtx4070, a100-80gb,
                      12GB, ...), and what to change if it does not fit; --verify measures it
   prepare fineweb|text ...  tokenize FineWeb or text files into shards (fitgpt prepare -h)
   data inspect DIR [--verify] [--sample N]  shard counts, checks, document lengths, a sample
+  sample --ckpt RUN_DIR_OR_FILE [--prompt TEXT|--prompt-file F] [--max-new-tokens N ...]
+                     generate text from a checkpoint (fitgpt's or nanoGPT's), with a KV cache
+  export --ckpt RUN_DIR_OR_FILE --to hf OUT_DIR
+                     write a Hugging Face GPT-2 folder (needs: pip install 'fitgpt[hf]')
+  plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
+                     loss against tokens and peak memory against step (needs 'fitgpt[plot]')
+  runs [DIR]         list the runs under DIR (default runs/): size, tokens, best val, status
 
 CONFIG is a TOML file, a nanoGPT-style Python config file, or a built-in name (demo, gpt2-124m,
 seed-77m). Overrides: --eval.batch_size=4 or nanoGPT's flat --eval_batch_size=4.
@@ -106,13 +113,27 @@ def cmd_train(args: list[str]) -> int:
 def cmd_eval(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print("usage: fitgpt eval --ckpt RUN_DIR_OR_FILE [--eval.batch_size=N --eval.block_size=N "
-              "--eval.tokens=N --data.dir=DIR --train.device=... ...]")
+              "--eval.tokens=N --data.dir=DIR --train.device=... ...]\n"
+              "       fitgpt eval --task hellaswag --file hellaswag_val.jsonl --ckpt RUN_DIR_OR_FILE "
+              "[--eval.batch_size=N ...]")
         return 0
-    config, opts, overrides = split_args(args, ("--ckpt",))
+    config, opts, overrides = split_args(args, ("--ckpt", "--task", "--file"))
     if "--ckpt" not in opts:
         raise FitError("fitgpt eval needs --ckpt RUN_DIR_OR_FILE")
     if config is not None:
         raise FitError(f"unexpected argument {config!r}; use --ckpt and --section.key=value")
+    if "--task" in opts:
+        if opts["--task"] != "hellaswag":
+            raise FitError(f"--task {opts['--task']}: the only task is hellaswag")
+        if "--file" not in opts:
+            raise FitError("--task hellaswag needs --file hellaswag_val.jsonl (the official "
+                           "release's JSON lines)")
+        from fitgpt.hellaswag import eval_hellaswag
+
+        eval_hellaswag(opts["--ckpt"], opts["--file"], overrides)
+        return 0
+    if "--file" in opts:
+        raise FitError("--file goes with --task hellaswag")
     from fitgpt.resume import eval_checkpoint
 
     eval_checkpoint(opts["--ckpt"], overrides)
@@ -197,7 +218,32 @@ def cmd_data(args: list[str]) -> int:
     return data(args)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "prepare": cmd_prepare, "data": cmd_data}
+def cmd_sample(args: list[str]) -> int:
+    from fitgpt.sample import cmd_sample as sample
+
+    return sample(args)
+
+
+def cmd_export(args: list[str]) -> int:
+    from fitgpt.export import cmd_export as export
+
+    return export(args)
+
+
+def cmd_plot(args: list[str]) -> int:
+    from fitgpt.runs import cmd_plot as plot
+
+    return plot(args)
+
+
+def cmd_runs(args: list[str]) -> int:
+    from fitgpt.runs import cmd_runs as runs
+
+    return runs(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "prepare": cmd_prepare, "data": cmd_data,
+            "sample": cmd_sample, "export": cmd_export, "plot": cmd_plot, "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,6 +152,8 @@ class LogConfig:
     """Weights & Biases project."""
     wandb_run_name: str | None = None
     """Weights & Biases run name (default: the run folder name)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to <run folder>/tensorboard (needs: pip install 'fitgpt[tensorboard]')."""
 
 
 @dataclass

@@ -4,13 +4,22 @@ It runs under `torch.no_grad()` with the model in eval mode, with its own batch 
 length, and sums token losses (no per-batch means), so the result does not depend on the eval
 batch size. The caller has released the training step's tensors before calling it (a training
 step is a function whose locals are gone when it returns).
+
+Bits per byte make losses comparable across tokenizers: the summed nats of every target token
+over ln 2 times the UTF-8 bytes those targets stand for. End-of-text tokens stand for no bytes:
+their nats count, their bytes are 0 (the cost of marking a document's end is charged to the text).
+It needs to know the bytes of each token id, so it is reported for the GPT-2 vocabulary only
+(model.vocab_size 50257) and is None otherwise (the tiny test models' 256 ids are not text).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fitgpt import faults
@@ -23,24 +32,61 @@ class EvalResult:
     loss: float  # mean nats per target token
     tokens: int  # target tokens scored
     seconds: float
+    bpb: float | None = None  # bits per UTF-8 byte of the targets; None if the ids are not GPT-2's
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_token_bytes() -> np.ndarray | None:
+    from fitgpt.errors import FitError
+    from fitgpt.tokenizer import gpt2_encoding
+
+    try:
+        enc = gpt2_encoding()
+    except FitError:  # no offline files and no network: evaluate without bpb
+        return None
+    return np.array([0 if i == enc.eot_token else len(enc.decode_single_token_bytes(i))
+                     for i in range(enc.n_vocab)], dtype=np.int64)
+
+
+def token_bytes(vocab: int | None, size: int | None = None) -> np.ndarray | None:
+    """UTF-8 bytes of each token id (0 for end-of-text and for padding ids >= 50257), `size`
+    entries (default: 50257); None unless `vocab` is the GPT-2 vocabulary's 50257."""
+    from fitgpt.tokenizer import N_VOCAB
+
+    if vocab != N_VOCAB:
+        return None
+    table = _gpt2_token_bytes()
+    if table is None:
+        return None
+    size = max(size or N_VOCAB, N_VOCAB)
+    return np.concatenate([table, np.zeros(size - N_VOCAB, dtype=np.int64)])
+
+
+def bits_per_byte(total_nats: float, total_bytes: int) -> float | None:
+    """bpb = total_nats / (ln 2 x total_bytes); None without bytes."""
+    return total_nats / (math.log(2) * total_bytes) if total_bytes else None
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime, step: int = 0,
              vocab: int | None = None) -> EvalResult:
     """Mean loss over every validation window, `batch_size` windows per forward pass.
-    With vocab, a token id outside the model's vocabulary is a DataError, not a crash."""
+    With vocab, a token id outside the model's vocabulary is a DataError, not a crash, and
+    for the GPT-2 vocabulary the result has bits per byte."""
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     acc = torch.float32 if rt.device_type == "mps" else torch.float64  # mps has no float64
     total = torch.zeros((), dtype=acc, device=rt.device)
-    tokens = 0
+    tokens = nbytes = 0
+    table = token_bytes(vocab, 2**16)  # shards hold uint16 ids
     try:
         for x, y in val.batches(batch_size):
             if vocab is not None and max(int(x.max()), int(y.max())) >= vocab:
                 raise DataError(f"validation data: token id {max(int(x.max()), int(y.max()))} >= "
                                 f"model.vocab_size {vocab}; set --model.vocab_size or re-prepare")
+            if table is not None:
+                nbytes += int(table[y.numpy()].sum())
             faults.maybe_oom("eval", step, x.size(0))
             x, y = rt.to_device(x, y)
             with rt.autocast():
@@ -49,4 +95,6 @@ def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime, step: in
             del x, y
     finally:
         model.train(was_training)
-    return EvalResult(total.item() / max(tokens, 1), tokens, time.perf_counter() - t0)
+    nats = total.item()
+    return EvalResult(nats / max(tokens, 1), tokens, time.perf_counter() - t0,
+                      bits_per_byte(nats, nbytes) if table is not None else None)

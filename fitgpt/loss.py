@@ -36,38 +36,57 @@ def full_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 
 def _chunks(h, weight, targets, chunk, dtype, grads):
-    """Sum of token losses over row chunks; with grads, also d(sum)/dh and d(sum)/dweight."""
-    n = h.size(0)
+    """Sum of token losses over row chunks; with grads, also d(sum)/dh and d(sum)/dweight.
+
+    Per chunk of c rows: one matmul for the logits, a fused log-softmax (its value at the target
+    is the loss; exponentiated in place it is the softmax), the one-hot subtracted at c
+    positions, and two matmuls for the gradients, written into their outputs. Ignored rows
+    (target -1) are zeroed through (c, C) factors, never with a pass over the (c, V) block.
+    The log-softmax overwrites the fp32 logits (CPU and CUDA kernels read a row before writing
+    it). When the logits are already fp32 (no autocast), one (c, V) buffer serves every chunk:
+    on the CPU a fresh large tensor costs a page fault per 4 KiB on first touch, as much time as
+    the matmuls on a small model. With 16-bit logits, the fp32 copy is made per chunk as before."""
+    n, dev = h.size(0), h.device
     w = weight.to(dtype)  # (V, C)
     acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 (fp64 for fp64)
-    total = torch.zeros((), dtype=acc, device=h.device)
+    inplace = dev.type in ("cpu", "cuda")  # their log-softmax kernels read a row before writing it
+    reuse = inplace and dtype == acc
+    c = max(1, min(chunk, n))
+    buf = torch.empty(c, w.size(0), dtype=acc, device=dev) if reuse else None  # (c, V)
+    total = torch.zeros((), dtype=acc, device=dev)
     grad_h = torch.empty_like(h) if grads else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grads else None
-    for s in range(0, n, chunk):
-        hc = h[s:s + chunk].to(dtype)  # (c, C)
-        tc = targets[s:s + chunk]
-        keep = tc != -1
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        hc = h[s:e].to(dtype)  # (c, C)
+        tc = targets[s:e]
+        keep = (tc != -1).unsqueeze(1)  # (c, 1)
         tsafe = tc.clamp(min=0).unsqueeze(1)  # (c, 1)
-        logits = (hc @ w.t()).to(acc)  # (c, V) fp32
-        picked = logits.gather(1, tsafe).squeeze(1)  # logit of the target
-        top = logits.amax(dim=1, keepdim=True)
-        expd = logits.sub_(top).exp_()  # in place: exp(logit - max)
-        sums = expd.sum(dim=1)
-        lse = top.squeeze(1) + sums.log()  # (c,) log-sum-exp
-        total += ((lse - picked) * keep).sum()
-        if not grads:
-            del logits, expd, picked
-            continue
-        probs = expd.div_(sums.unsqueeze(1))  # softmax, still in the logits' memory
-        probs.scatter_add_(1, tsafe, -torch.ones_like(tsafe, dtype=probs.dtype))  # minus one-hot
-        probs.mul_(keep.unsqueeze(1))
-        g = probs.to(dtype)  # (c, V)
-        grad_h[s:s + chunk] = g @ w
-        if dtype == acc:
-            grad_w.addmm_(g.t(), hc)
+        if reuse:
+            logits = torch.mm(hc, w.t(), out=buf[:e - s])  # (c, V) fp32
         else:
-            grad_w += (g.t() @ hc).to(acc)
-        del logits, expd, picked, probs, g  # free this chunk before the next one is allocated
+            logits = (hc @ w.t()).to(acc)  # (c, V): 16-bit logits, cast to fp32
+        logp = torch.log_softmax(logits, 1, out=logits) if inplace else torch.log_softmax(logits, 1)
+        del logits
+        total -= logp.gather(1, tsafe).mul_(keep).sum()  # minus log-probability of the target
+        if not grads:
+            del logp
+            continue
+        probs = logp.exp_()  # softmax, in the log-softmax's memory
+        probs.scatter_add_(1, tsafe, keep.to(acc).neg_())  # minus one-hot (kept rows only)
+        g = probs.to(dtype)  # (c, V); the same tensor in fp32
+        gh = grad_h[s:e]
+        if gh.dtype == dtype:
+            torch.mm(g, w, out=gh)
+        else:
+            gh.copy_(g @ w)
+        gh.mul_(keep)
+        hk = hc * keep
+        if dtype == acc:
+            grad_w.addmm_(g.t(), hk)
+        else:
+            grad_w += (g.t() @ hk).to(acc)
+        del logp, probs, g, hk  # free this chunk before the next one is allocated
     return total, grad_h, grad_w
 
 

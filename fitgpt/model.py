@@ -4,6 +4,7 @@ Token + position embeddings, n_layer pre-LayerNorm blocks (causal self-attention
 `F.scaled_dot_product_attention`, then a 4x GELU MLP), a final LayerNorm, and an lm_head tied to
 the token embedding. The loss never needs the full (B, T, V) logits: see `fitgpt.loss`.
 Memory tricks (activation checkpointing, compile) are applied from outside, in `fitgpt.parallelize`.
+Generation can keep each layer's keys and values in a `KVCache` (see `GPT.generate`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,28 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class KVCache:
+    """Keys and values of every layer, in buffers of block_size positions allocated on first use
+    (so they take the dtype autocast gives k and v); `pos` positions are filled."""
+
+    def __init__(self, n_layer: int, block_size: int):
+        self.block_size = block_size
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, block_size, hs)
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return all keys and values so far."""
+        if self.k[layer] is None:
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, s: GPTShape):
         super().__init__()
@@ -58,14 +81,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(s.n_embd, s.n_embd, bias=s.bias)
         self.resid_dropout = nn.Dropout(s.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        mask, causal = None, True  # the whole context (or the first part of the cache)
+        if cache is not None and cache.pos > 0:  # queries at pos..pos+T-1 see the cache up to theirs
+            causal = False
+            if T > 1:
+                mask = torch.ones(T, cache.pos + T, dtype=torch.bool, device=x.device).tril(cache.pos)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -89,8 +119,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(s.n_embd, s.bias)
         self.mlp = MLP(s)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -131,15 +161,20 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, C) after ln_f."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) after ln_f. With a cache, idx holds the tokens at
+        positions cache.pos.. (their keys and values are added to it) and attends to the cache."""
         B, T = idx.shape
-        if T > self.shape.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.shape.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = 0 if cache is None else cache.pos
+        if start + T > self.shape.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                             f"{self.shape.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x) if cache is None else block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -176,22 +211,50 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, top_p: float | None = None,
+                 kv_cache: bool = False):
         """Sample max_new_tokens after idx (B, T); the context is cropped to block_size;
-        ids >= vocab_limit (the padding rows of the embedding) are never produced."""
+        ids >= vocab_limit (the padding rows of the embedding) are never produced.
+
+        kv_cache=True keeps each layer's keys and values, so a step runs one token through the
+        model instead of the whole context; the tokens are the same as without it. Once the
+        context reaches block_size the window must slide, which changes every position (and so
+        every key): from then on each step re-runs the cropped context, as without the cache."""
+        T = self.shape.block_size
+        cache = None
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.shape.block_size:]
-            logits = self(ctx)[:, -1, :].float()  # (B, V)
+            if not kv_cache:
+                h = self.hidden(idx[:, -T:])
+            else:
+                cache = cache or KVCache(self.shape.n_layer, T)
+                if cache.pos in (0, T):  # first step, or full: (re)fill with the cropped context
+                    cache.pos = 0
+                    h = self.hidden(idx[:, -T:], cache)
+                else:
+                    h = self.hidden(idx[:, -1:], cache)  # only the newest token
+            logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
             if vocab_limit is not None:
                 logits = logits[:, :vocab_limit]
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator).to(idx.device)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B, 1) from logits (B, V): greedy at temperature <= 0; otherwise sampled
+    (on the CPU, with `generator`) from the top_k most likely and the smallest set whose
+    probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before it already reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)

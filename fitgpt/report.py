@@ -1,7 +1,14 @@
-"""What a run reports: the run folder, log lines, metrics records, the summary, a sample."""
+"""What a run reports: the run folder, log lines, metrics records, the summary, a sample.
+
+Each record goes to metrics.jsonl and, when asked, to Weights & Biases and TensorBoard
+(`start_trackers`). Training records carry MFU (model FLOPs utilisation: training FLOPs per
+token x tokens/s over the card's dense 16-bit peak; None off CUDA or on a card without a known
+peak); evaluation records carry bits per byte. `finish_plots` draws the run's curves at the end.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -34,15 +41,42 @@ def loss_status(state) -> str:
     return "" if state.last_val is None else f"val {state.last_val:.3f}"
 
 
+@functools.lru_cache(maxsize=8)
+def peak_flops(device: str) -> float | None:
+    """Dense 16-bit FLOP/s of the CUDA card `device` ('auto', 'cuda', 'cuda:1') resolves to;
+    None for the CPU, MPS, or a card without a known figure (fitgpt.memory.gpus)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    from fitgpt.memory.gpus import current_gpu
+
+    dev = torch.device(device)
+    gpu = current_gpu(dev.index if dev.index is not None else torch.cuda.current_device())
+    return gpu.tflops * 1e12 if gpu.tflops else None
+
+
+def mfu(cfg: Config, tok_s: float) -> float | None:
+    """Model FLOPs utilisation (0..1) at tok_s training tokens per second; None off CUDA."""
+    from fitgpt.memory.fit import flops_per_token
+
+    peak = peak_flops(cfg.train.device)
+    return flops_per_token(cfg) * tok_s / peak if peak else None
+
+
 def record_train(state, loss_v, norm, lr, dt, cfg, log, wandb_run) -> None:
     tok_s = cfg.tokens_per_step / dt
     peak = state.peaks.train
+    util = mfu(cfg, tok_s)
     log.info(f"step {state.step:>6} | loss {loss_v:.4f} | lr {lr:.2e} | "
              f"{fmt_count(tok_s)} tok/s | {dt * 1000:.0f} ms/step"
+             + (f" | mfu {util * 100:.1f}%" if util is not None else "")
              + (f" | peak {fmt_bytes(peak)}" if peak else ""))
     rec = {"kind": "train", "step": state.step, "tokens": state.tokens, "loss": loss_v, "lr": lr,
            "grad_norm": None if norm is None else float(norm), "tok_s": tok_s,
-           "ms_step": dt * 1000, "peak_train_bytes": peak}
+           "ms_step": dt * 1000, "mfu": util, "peak_train_bytes": peak}
     log.metrics(rec)
     if wandb_run is not None:
         wandb_run.log(rec, step=state.step)
@@ -52,10 +86,12 @@ def record_eval(state, res: EvalResult, log, wandb_run) -> None:
     state.last_val = res.loss
     state.first_val = res.loss if state.first_val is None else state.first_val
     state.best_val = min(state.best_val, res.loss)
-    log.info(f"eval step {state.step:>6} | val loss {res.loss:.4f} | {res.tokens:,} tokens in "
-             f"{res.seconds:.1f}s" + (f" | peak {fmt_bytes(state.peaks.eval)}" if state.peaks.eval else ""))
+    log.info(f"eval step {state.step:>6} | val loss {res.loss:.4f}"
+             + (f" | bpb {res.bpb:.4f}" if res.bpb is not None else "")
+             + f" | {res.tokens:,} tokens in {res.seconds:.1f}s"
+             + (f" | peak {fmt_bytes(state.peaks.eval)}" if state.peaks.eval else ""))
     rec = {"kind": "eval", "step": state.step, "tokens": state.tokens, "val_loss": res.loss,
-           "eval_seconds": res.seconds, "peak_eval_bytes": state.peaks.eval}
+           "val_bpb": res.bpb, "eval_seconds": res.seconds, "peak_eval_bytes": state.peaks.eval}
     log.metrics(rec)
     if wandb_run is not None:
         wandb_run.log(rec, step=state.step)
@@ -104,7 +140,7 @@ def sample_text(model, cfg: Config, rt: Runtime) -> str:
     model.eval()
     with rt.autocast():
         out = model.generate(idx, cfg.eval.sample_tokens, temperature=0.8, top_k=200,
-                             generator=gen, vocab_limit=cfg.model.vocab_size)
+                             generator=gen, vocab_limit=cfg.model.vocab_size, kv_cache=True)
     text = enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
     say("sample:")
     say(text.strip())
@@ -112,12 +148,77 @@ def sample_text(model, cfg: Config, rt: Runtime) -> str:
 
 
 def start_wandb(cfg: Config, run_dir: Path):
+    """A W&B run. WANDB_MODE (e.g. offline) and the other WANDB_* variables are wandb's own
+    and are left as the user set them."""
     try:
         import wandb
     except ImportError:
         raise ConfigError("log.wandb=true needs the wandb package: pip install wandb") from None
     return wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_run_name or run_dir.name,
                       config=to_dict(cfg), dir=str(run_dir))
+
+
+class TensorBoard:
+    """Event files in <run folder>/tensorboard: every number of a record as `kind/key`."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("log.tensorboard=true needs the tensorboard package: "
+                              "pip install 'fitgpt[tensorboard]'") from None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, rec: dict[str, Any], step: int) -> None:
+        kind = rec.get("kind", "metrics")
+        for key, value in rec.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+class Trackers:
+    """W&B and TensorBoard behind the one `log(rec, step=)` / `finish()` a wandb run has."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def log(self, rec: dict[str, Any], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(rec, step=step)
+
+    def finish(self) -> None:
+        for sink in self.sinks:
+            sink.finish()
+
+
+def start_trackers(cfg: Config, run_dir: Path) -> Trackers | None:
+    """What log.wandb and log.tensorboard ask for, or None; a missing package is a ConfigError."""
+    sinks = []
+    if cfg.log.tensorboard:
+        sinks.append(TensorBoard(run_dir))
+    if cfg.log.wandb:
+        sinks.append(start_wandb(cfg, run_dir))
+    return Trackers(sinks) if sinks else None
+
+
+def finish_plots(run_dir: Path) -> Path | None:
+    """At the end of a run: <run folder>/plots.png (losses against tokens, peak memory against
+    step) when matplotlib is installed; silently nothing otherwise. A plot that fails is a note,
+    never a failed run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    from fitgpt.runs import plot_runs
+
+    try:
+        return plot_runs([Path(run_dir)], Path(run_dir) / "plots.png")
+    except Exception as e:  # noqa: BLE001 - the run itself is done and saved
+        say(f"note: no plot ({type(e).__name__}: {e})")
+        return None
 
 
 def write_json(path: Path, obj: Any) -> None:

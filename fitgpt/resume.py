@@ -21,10 +21,15 @@ def latest_run(out_dir: Path) -> Path:
     return max(runs, key=lambda p: (p / CKPT_DIR / "latest").stat().st_mtime)
 
 
-def config_of(ckpt: dict) -> Config:
+def config_of(ckpt: dict, notes: list[str] | None = None) -> Config:
+    """The run's Config. A nanoGPT ckpt.pt is converted in place (see fitgpt.nanogpt)."""
+    from fitgpt.nanogpt import convert, is_nanogpt
+
+    if is_nanogpt(ckpt):
+        return convert(ckpt, notes if notes is not None else [])
     if "config" not in ckpt or "model" not in ckpt["config"]:
-        raise CheckpointError(f"{ckpt['_path']}: has no fitgpt config (a nanoGPT ckpt.pt?); "
-                              f"importing nanoGPT checkpoints is not supported yet")
+        raise CheckpointError(f"{ckpt['_path']}: has neither a fitgpt config nor nanoGPT's "
+                              f"model_args; cannot tell the model's shape")
     return from_dict(ckpt["config"])
 
 
@@ -59,7 +64,7 @@ def resume_config(where: str, config: str | None, overrides: list[str],
                 out_dir = Path(text)
         where = str(latest_run(out_dir))
     ckpt = load_checkpoint(where)
-    saved = config_of(ckpt)
+    saved = config_of(ckpt, notes)
     cfg = copy.deepcopy(saved)
     changed = apply_overrides(cfg, overrides)
     bad = [f"model.{f}" for f in SHAPE_FIELDS
@@ -76,37 +81,51 @@ def resume_config(where: str, config: str | None, overrides: list[str],
     return cfg, ckpt, run_dir
 
 
+def load_model(where: str, overrides: list[str], notes: list[str]):
+    """(config, model in eval mode, runtime) of a checkpoint, fitgpt's or nanoGPT's, with
+    command-line overrides; the device is chosen afresh (`auto`) unless overridden."""
+    from fitgpt.runtime import build_model, clean_state_dict, resolve_runtime
+
+    ckpt = load_checkpoint(where)
+    cfg = config_of(ckpt, notes)
+    cfg.train.device = "auto"
+    apply_overrides(cfg, overrides)
+    rt = resolve_runtime(cfg.train.device, cfg.train.dtype)
+    model = build_model(cfg, rt.device, init=False)
+    model.load_state_dict(clean_state_dict(ckpt.pop("model")))
+    model.eval()
+    return cfg, model, rt
+
+
 def eval_checkpoint(where: str, overrides: list[str]) -> dict:
     """`fitgpt eval`: the checkpoint's model on its (or the overridden) validation windows."""
+    import torch
+
     from fitgpt.data import ValWindows, find_splits
     from fitgpt.evaluate import evaluate
     from fitgpt.log import fmt_bytes, say
     from fitgpt.memory.tracker import StorageTracker
-    from fitgpt.runtime import build_model, clean_state_dict, resolve_data_dir, resolve_runtime
+    from fitgpt.runtime import resolve_data_dir
 
-    ckpt = load_checkpoint(where)
-    cfg = config_of(ckpt)
-    cfg.train.device = "auto"
-    apply_overrides(cfg, overrides)
-    rt = resolve_runtime(cfg.train.device, cfg.train.dtype)
+    notes: list[str] = []
+    cfg, model, rt = load_model(where, overrides, notes)
+    for note in notes:
+        say(f"note: {note}")
     _, val_files = find_splits(resolve_data_dir(cfg.data.dir))
     val = ValWindows(val_files, cfg.eval_block_size, cfg.eval_windows)
-    model = build_model(cfg, rt.device, init=False)
-    model.load_state_dict(clean_state_dict(ckpt.pop("model")))
-    del ckpt
-    import torch
-
+    vocab = cfg.model.vocab_size
     if rt.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-        res = evaluate(model, val, cfg.eval_batch_size, rt)
+        res = evaluate(model, val, cfg.eval_batch_size, rt, vocab=vocab)
         peak = torch.cuda.max_memory_allocated(rt.device)
     else:
         tracker = StorageTracker(rt.device_type)
         tracker.add(model)
         with tracker:
-            res = evaluate(model, val, cfg.eval_batch_size, rt)
+            res = evaluate(model, val, cfg.eval_batch_size, rt, vocab=vocab)
         peak = tracker.peak
-    say(f"val loss {res.loss:.4f} | {res.tokens:,} tokens ({val.n_windows} windows of "
+    bpb = f" | {res.bpb:.4f} bits per byte" if res.bpb is not None else ""
+    say(f"val loss {res.loss:.4f}{bpb} | {res.tokens:,} tokens ({val.n_windows} windows of "
         f"{cfg.eval_block_size}, batch {cfg.eval_batch_size}) | {res.seconds:.1f}s | "
         f"peak {fmt_bytes(peak)}")
-    return {"val_loss": res.loss, "tokens": res.tokens, "peak_bytes": peak}
+    return {"val_loss": res.loss, "val_bpb": res.bpb, "tokens": res.tokens, "peak_bytes": peak}

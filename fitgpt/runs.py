@@ -1,0 +1,225 @@
+"""Run folders after the fact: `fitgpt runs` lists them, `fitgpt plot` draws their curves.
+
+Everything is read from the files a run writes (config.toml, metrics.jsonl, summary.json), so a
+run that is still going or was killed shows what it logged so far. Plotting needs matplotlib
+(`pip install 'fitgpt[plot]'`); it draws with the object API on an Agg canvas, so it never
+touches pyplot's global state or needs a display.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fitgpt.errors import ConfigError, FitError
+
+NO_SUMMARY = "running or killed"
+
+
+@dataclass
+class Run:
+    """What a run folder holds."""
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)  # config.toml, as TOML tables
+    summary: dict[str, Any] | None = None  # summary.json, written when the run ended
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def kind(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("kind") == kind]
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", "?")) if self.summary else NO_SUMMARY
+
+    @property
+    def tokens(self) -> int | None:
+        if self.summary and self.summary.get("tokens") is not None:
+            return int(self.summary["tokens"])
+        seen = [r["tokens"] for r in self.records if r.get("tokens") is not None]
+        return max(seen) if seen else None
+
+    @property
+    def best_val(self) -> float | None:
+        if self.summary and self.summary.get("best_val_loss") is not None:
+            return float(self.summary["best_val_loss"])
+        vals = [r["val_loss"] for r in self.kind("eval") if r.get("val_loss") is not None]
+        return min(vals) if vals else None
+
+    @property
+    def params(self) -> int | None:
+        if self.summary and self.summary.get("params"):
+            return int(self.summary["params"])
+        return params_of(self.config.get("model", {}))
+
+
+def params_of(model: dict[str, Any]) -> int | None:
+    """Parameters (tied lm_head counted once) from a config's model table, as GPT counts them."""
+    try:
+        L, C, T = int(model["n_layer"]), int(model["n_embd"]), int(model["block_size"])
+        V, mult, bias = int(model["vocab_size"]), int(model.get("vocab_multiple", 64)), bool(model["bias"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    padded = -(-V // mult) * mult
+    per_block = 12 * C * C + 2 * C + (11 * C if bias else 0)
+    return L * per_block + C * (2 if bias else 1) + padded * C + T * C
+
+
+def is_run(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("config.toml", "metrics.jsonl",
+                                                                "summary.json"))
+
+
+def read_run(path: Path) -> Run:
+    """A run folder's files; missing or half-written ones are skipped, not errors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FitError(f"{path}: no such run folder")
+    run = Run(path)
+    try:
+        run.config = tomllib.loads((path / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        run.summary = json.loads((path / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    try:
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                run.records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+    except OSError:
+        pass
+    return run
+
+
+def list_runs(base: Path) -> list[Run]:
+    """Every run folder directly under base, oldest first."""
+    if not base.is_dir():
+        raise FitError(f"{base}: no such folder (runs are written under log.out_dir, default runs/)")
+    return [read_run(p) for p in sorted((p for p in base.iterdir() if is_run(p)),
+                                        key=lambda p: p.stat().st_mtime)]
+
+
+def _fmt(v: float | None, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def runs_table(runs: list[Run]) -> list[tuple[str, str, str, str, str]]:
+    """(name, model size, tokens, best val loss, status) per run, as printed."""
+    from fitgpt.log import fmt_count
+
+    return [(r.name, "-" if r.params is None else fmt_count(r.params),
+             "-" if r.tokens is None else fmt_count(r.tokens), _fmt(r.best_val, ".4f"), r.status)
+            for r in runs]
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_runs(paths: list[Path], out: Path) -> Path:
+    """One PNG: train and val loss against tokens, peak memory against step; one colour per
+    run. Needs matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("plotting needs matplotlib: pip install 'fitgpt[plot]'") from None
+    runs = [read_run(p) for p in paths]
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, mem_ax = fig.subplots(1, 2)
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        train, evals = run.kind("train"), run.kind("eval")
+        pts = [(r["tokens"], r["loss"]) for r in train if r.get("loss") is not None]
+        if pts:
+            loss_ax.plot(*zip(*pts), color=color, alpha=0.6, lw=1, label=f"{run.name} train")
+        pts = [(r["tokens"], r["val_loss"]) for r in evals if r.get("val_loss") is not None]
+        if pts:
+            loss_ax.plot(*zip(*pts), color=color, marker="o", ms=3, lw=2, label=f"{run.name} val")
+        for recs, key, style, phase in ((train, "peak_train_bytes", "-", "training"),
+                                        (evals, "peak_eval_bytes", "--", "evaluation")):
+            pts = [(r["step"], r[key] / 2**20) for r in recs if r.get(key)]
+            if pts:
+                mem_ax.plot(*zip(*pts), color=color, ls=style, marker=".",
+                            label=f"{run.name} {phase}")
+    loss_ax.set(xlabel="tokens", ylabel="loss (nats per token)", title="loss")
+    mem_ax.set(xlabel="step", ylabel="MiB", title="peak memory (allocated)")
+    if mem_ax.has_data():
+        mem_ax.set_ylim(bottom=0)
+    for ax, where in ((loss_ax, "upper right"), (mem_ax, "lower right")):  # memory: flat, high
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8, loc=where)
+        else:
+            ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=ax.transAxes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_plot(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fitgpt plot", description=(
+        "Train/val loss against tokens and peak memory against step, for one run or several "
+        "compared. Needs matplotlib: pip install 'fitgpt[plot]'."))
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="PNG to write (default: RUN_DIR/plots.png for one run, "
+                                 "plots.png here for several)")
+    a = parse(p, args)
+    paths = [Path(d) for d in a.run_dirs]
+    for d in paths:
+        if not is_run(d):
+            raise FitError(f"{d}: not a run folder (no config.toml, metrics.jsonl or summary.json)")
+    out = Path(a.out) if a.out else (paths[0] / "plots.png" if len(paths) == 1 else Path("plots.png"))
+    from fitgpt.log import say
+
+    say(f"wrote {plot_runs(paths, out)}")
+    return 0
+
+
+def cmd_runs(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fitgpt runs", description=(
+        "List the run folders under DIR: name, model size, tokens, best val loss, status "
+        f"(a run without summary.json is '{NO_SUMMARY}')."))
+    p.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="default: runs")
+    a = parse(p, args)
+    from rich.table import Table
+
+    from fitgpt.log import console
+
+    runs = list_runs(Path(a.dir))
+    if not runs:
+        console.print(f"no runs under {a.dir}/", markup=False)
+        return 0
+    table = Table(box=None, header_style="bold")
+    for col, just in (("run", "left"), ("params", "right"), ("tokens", "right"),
+                      ("best val", "right"), ("status", "left")):
+        table.add_column(col, justify=just)
+    for row in runs_table(runs):
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
+def parse(parser: argparse.ArgumentParser, args: list[str], known: bool = False):
+    """argparse, with its usage errors raised as FitError (one line, exit code 2). With known,
+    (namespace, the arguments it did not know): the --section.key=value overrides."""
+    def error(message: str):
+        raise FitError(f"{parser.prog}: {message}")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_known_args(args) if known else parser.parse_args(args)

@@ -1,0 +1,165 @@
+"""Metrics: bits per byte, MFU, TensorBoard and W&B records, plots, the runs listing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from fitgpt import report
+from fitgpt.cli import main
+from fitgpt.config import Config
+from fitgpt.data import ValWindows, find_splits, write_shard
+from fitgpt.errors import ConfigError
+from fitgpt.evaluate import EvalResult, evaluate, token_bytes
+from fitgpt.log import RunLog
+from fitgpt.memory.fit import flops_per_token
+from fitgpt.memory.gpus import Gpu
+from fitgpt.runs import list_runs, params_of, runs_table
+from fitgpt.runtime import Runtime, build_model
+from fitgpt.tokenizer import gpt2_encoding
+from fitgpt.train import State, run
+
+CPU = Runtime(torch.device("cpu"), torch.float32)
+
+
+def test_bits_per_byte_counts_text_bytes_not_eot(tmp_path):
+    """Guards bpb's definition: summed nats over ln 2 x the UTF-8 bytes of the target tokens,
+    end-of-text counting no bytes; computed here from the decoded text, not the table."""
+    enc = gpt2_encoding()
+    text = "Once upon a time, a naïve café served crème brûlée. "
+    ids = []
+    while len(ids) < 700:
+        ids += enc.encode_ordinary(text * 3) + [enc.eot_token]
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    write_shard(d / "x_val_000000.bin", np.array(ids, dtype=np.uint16))
+    write_shard(d / "x_train_000001.bin", np.array(ids, dtype=np.uint16))
+    cfg = Config()
+    cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size = 1, 2, 32, 64
+    model = build_model(cfg, torch.device("cpu"))
+    val = ValWindows(find_splits(d)[1], 64, 10)
+    res = evaluate(model, val, 4, CPU, vocab=50257)
+    targets = torch.cat([y.flatten() for _, y in val.batches(10)]).tolist()
+    nbytes = len(enc.decode_bytes([t for t in targets if t != enc.eot_token]))
+    assert enc.eot_token in targets and nbytes > 0
+    assert res.bpb == pytest.approx(res.loss * res.tokens / (math.log(2) * nbytes), rel=1e-9)
+    table = token_bytes(50257, 50304)
+    assert table[enc.eot_token] == 0 and table[50257:].sum() == 0 and len(table) == 50304
+    assert evaluate(model, val, 4, CPU, vocab=None).bpb is None  # vocabulary unknown
+
+
+def test_bpb_is_none_for_a_non_gpt2_vocabulary(shard_dir):
+    """Guards a meaningless bpb for the tiny 256-id test models."""
+    model = build_model(tiny_config(shard_dir, "x"), torch.device("cpu"))
+    res = evaluate(model, ValWindows(find_splits(shard_dir)[1], 32, 4), 4, CPU, vocab=256)
+    assert res.bpb is None and res.loss > 0
+
+
+def test_mfu_uses_the_card_peak_and_is_none_on_cpu(monkeypatch):
+    """Guards MFU = training FLOPs per token x tokens/s / the card's 16-bit peak, the FLOPs
+    being the model's own count; None on a CPU."""
+    cfg = Config()
+    model = build_model(tiny_config("d", "o"), torch.device("cpu"))
+    assert flops_per_token(tiny_config("d", "o")) == model.flops_per_token()
+    cfg.train.device = "cpu"
+    assert report.mfu(cfg, 1e5) is None
+    report.peak_flops.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr("fitgpt.memory.gpus.current_gpu", lambda i: Gpu("H100", 80 * 2**30, True, 989.0))
+    try:
+        cfg.train.device = "auto"
+        assert report.mfu(cfg, 1e5) == pytest.approx(flops_per_token(cfg) * 1e5 / 989e12)
+    finally:
+        report.peak_flops.cache_clear()
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_records_carry_mfu_and_bpb_and_go_to_tensorboard(tmp_path, monkeypatch):
+    """Guards the metrics records (mfu, val_bpb in metrics.jsonl and the log line) and the
+    TensorBoard event files written from them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config("d", tmp_path)
+    cfg.log.tensorboard = True
+    monkeypatch.setattr(report, "peak_flops", lambda device: 1e12)
+    trackers = report.start_trackers(cfg, tmp_path)
+    log = RunLog(tmp_path, 0, progress=False)
+    state = State(step=10, tokens=2560)
+    report.record_train(state, 2.5, None, 1e-3, 0.5, cfg, log, trackers)
+    report.record_eval(state, EvalResult(2.25, 512, 0.1, bpb=1.125), log, trackers)
+    log.close()
+    trackers.finish()
+    train, ev = records(tmp_path)
+    assert train["mfu"] == pytest.approx(flops_per_token(cfg) * cfg.tokens_per_step / 0.5 / 1e12)
+    assert ev["val_bpb"] == 1.125
+    assert "bpb 1.1250" in (tmp_path / "train.log").read_text()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert acc.Scalars("eval/val_bpb")[0].value == 1.125
+    assert acc.Scalars("train/loss")[0].step == 10
+
+
+def test_missing_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
+    """Guards the optional packages: a one-line ConfigError naming the extra when tensorboard
+    is missing, and W&B's own WANDB_MODE=offline left as the user set it."""
+    cfg = tiny_config("d", tmp_path)
+    cfg.log.tensorboard = True
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ConfigError, match=r"fitgpt\[tensorboard\]"):
+        report.start_trackers(cfg, tmp_path)
+    seen = {}
+    fake = types.SimpleNamespace(init=lambda **kw: seen.update(kw, mode=__import__("os").environ.get("WANDB_MODE"))
+                                 or types.SimpleNamespace(log=lambda rec, step: None, finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg.log.tensorboard, cfg.log.wandb = False, True
+    report.start_trackers(cfg, tmp_path).log({"kind": "train", "loss": 1.0}, step=1)
+    assert seen["mode"] == "offline" and seen["name"] == tmp_path.name
+
+
+def test_run_plots_and_runs_listing(shard_dir, tmp_path, capsys, monkeypatch):
+    """Guards the end-of-run plot hook, `fitgpt plot` for several runs, and `fitgpt runs`
+    (a run without summary.json is 'running or killed'); plotting without matplotlib is a
+    one-line error naming the extra, and the hook then skips silently."""
+    cfg = tiny_config(shard_dir, tmp_path / "runs")
+    summary = run(cfg)
+    run_dir = tmp_path / "runs" / "run"
+    assert report.finish_plots(run_dir) == run_dir / "plots.png"
+    assert (run_dir / "plots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recs = records(run_dir)
+    assert all("mfu" in r and r["mfu"] is None for r in recs if r["kind"] == "train")
+    assert all("val_bpb" in r for r in recs if r["kind"] == "eval")
+
+    killed = tmp_path / "runs" / "killed"
+    killed.mkdir()
+    (killed / "config.toml").write_text((run_dir / "config.toml").read_text())
+    (killed / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 3, "tokens": 768,
+                                                      "val_loss": 4.5}) + "\n{\"kind\": \"tr")
+    rows = {r[0]: r for r in runs_table(list_runs(tmp_path / "runs"))}
+    assert rows["run"][3] == f"{summary['best_val_loss']:.4f}" and rows["run"][4] == "completed"
+    assert rows["killed"][1:] == (rows["run"][1], "768", "4.5000", "running or killed")
+    assert params_of(dataclasses.asdict(cfg.model)) == summary["params"]
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    assert "running or killed" in capsys.readouterr().out
+
+    out = tmp_path / "both.png"
+    assert main(["plot", str(run_dir), str(killed), "--out", str(out)]) == 0 and out.is_file()
+    assert main(["plot", str(tmp_path)]) == 2  # not a run folder
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert report.finish_plots(run_dir) is None
+    capsys.readouterr()
+    assert main(["plot", str(run_dir)]) == 2
+    assert "fitgpt[plot]" in capsys.readouterr().err
