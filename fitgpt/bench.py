@@ -154,6 +154,8 @@ def _one_run(cfg: Config, rt, steps: int, warmup: int, memory: bool) -> dict[str
     if memory:
         _, out["eval_peak"], out["eval_reserved"] = meter.measure(
             lambda: evaluate(fwd, val, cfg.eval_batch_size, rt), model, optimizer, True)
+    if t.compile:  # compiles the eval graph (the tracker above may have run it eagerly): not timed
+        evaluate(fwd, val, cfg.eval_batch_size, rt)
     res = evaluate(fwd, val, cfg.eval_batch_size, rt)
     out["eval_seconds"], out["eval_tokens"], out["eval_loss"] = res.seconds, res.tokens, res.loss
     return out

@@ -29,6 +29,9 @@ commands:
   plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
                      loss against tokens and peak memory against step (needs 'fitgpt[plot]')
   runs [DIR]         list the runs under DIR (default runs/): size, tokens, best val, status
+  bench [CONFIG] [--variants full_logits,chunked,...] [--steps N] [--repeats R] [--json]
+                     training and evaluation speed (tokens/s, MFU) and peak memory of variants
+                     side by side, on synthetic tokens (default config: bench-cpu)
 
 CONFIG is a TOML file, a nanoGPT-style Python config file, or a built-in name (demo, gpt2-124m,
 seed-77m). Overrides: --eval.batch_size=4 or nanoGPT's flat --eval_batch_size=4.
@@ -242,8 +245,15 @@ def cmd_runs(args: list[str]) -> int:
     return runs(args)
 
 
+def cmd_bench(args: list[str]) -> int:
+    from fitgpt.bench import cli as bench
+
+    return bench(args)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "prepare": cmd_prepare, "data": cmd_data,
-            "sample": cmd_sample, "export": cmd_export, "plot": cmd_plot, "runs": cmd_runs}
+            "sample": cmd_sample, "export": cmd_export, "plot": cmd_plot, "runs": cmd_runs,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ class EvalResult:
     tokens: int  # target tokens scored
     seconds: float
     bpb: float | None = None  # bits per UTF-8 byte of the targets; None if the ids are not GPT-2's
+    target_bytes: int | None = None  # UTF-8 bytes of the targets (bpb's denominator), or None
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,5 +97,7 @@ def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime, step: in
     finally:
         model.train(was_training)
     nats = total.item()
+    if table is None:
+        return EvalResult(nats / max(tokens, 1), tokens, time.perf_counter() - t0)
     return EvalResult(nats / max(tokens, 1), tokens, time.perf_counter() - t0,
-                      bits_per_byte(nats, nbytes) if table is not None else None)
+                      bits_per_byte(nats, nbytes), nbytes)

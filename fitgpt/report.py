@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,13 @@ def peak_flops(device: str) -> float | None:
 
 
 def mfu(cfg: Config, tok_s: float) -> float | None:
-    """Model FLOPs utilisation (0..1) at tok_s training tokens per second; None off CUDA."""
+    """Model FLOPs utilisation (0..1) at tok_s training tokens per second (all processes
+    together, over all their cards: torchrun's WORLD_SIZE); None off CUDA."""
     from fitgpt.memory.fit import flops_per_token
 
     peak = peak_flops(cfg.train.device)
-    return flops_per_token(cfg) * tok_s / peak if peak else None
+    cards = int(os.environ.get("WORLD_SIZE", "1"))
+    return flops_per_token(cfg) * tok_s / (peak * cards) if peak else None
 
 
 def record_train(state, loss_v, norm, lr, dt, cfg, log, wandb_run) -> None:

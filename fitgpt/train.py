@@ -28,7 +28,7 @@ from fitgpt.config import Config
 from fitgpt.configio import summary_lines, to_dict, to_toml
 from fitgpt.data import TrainBatches, ValWindows, find_splits
 from fitgpt.errors import DataError, FitError
-from fitgpt.evaluate import EvalResult, evaluate
+from fitgpt.evaluate import EvalResult, bits_per_byte, evaluate
 from fitgpt.log import RunLog
 from fitgpt.memory.measure import Meter, PhasePeaks
 from fitgpt.memory.recover import attempt, best_suggestion, release
@@ -213,7 +213,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     run_dir = distributed.broadcast_object(run_dir, world)
     total = cfg.train.max_steps
     log = RunLog(run_dir, max(0, total - state.step), cfg.log.progress)
-    wandb_run = report.start_wandb(cfg, run_dir) if cfg.log.wandb and world.main else None
+    wandb_run = report.start_trackers(cfg, run_dir) if world.main else None
     meter = Meter(rt, cfg.memory.track)
     for line in summary_lines(cfg):
         log.info(line)
@@ -266,9 +266,11 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
                 state.peaks.record("eval", *out[1:])
                 res = out[0]
                 if val_share is not val:  # sum the shares of all processes
-                    nats, tokens = distributed.all_reduce_sum([res.loss * res.tokens, res.tokens],
-                                                              rt.device)
-                    res = dataclasses.replace(res, loss=nats / tokens, tokens=int(tokens))
+                    nats, tokens, nbytes = distributed.all_reduce_sum(
+                        [res.loss * res.tokens, res.tokens, res.target_bytes or 0], rt.device)
+                    bpb = bits_per_byte(nats, int(nbytes)) if res.bpb is not None else None
+                    res = dataclasses.replace(res, loss=nats / tokens, tokens=int(tokens), bpb=bpb,
+                                              target_bytes=int(nbytes) or None)
                 return res
             if state.eval_batch == 1:
                 give_up("evaluation", "eval batch size 1")
@@ -356,6 +358,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         if cfg.eval.sample_tokens and status == "completed" and not fsdp:
             summary["sample"] = report.sample_text(model, cfg, rt)
         report.write_json(run_dir / "summary.json", summary)
+        report.finish_plots(run_dir)
     if wandb_run is not None:
         wandb_run.finish()
     distributed.barrier(world)

@@ -103,3 +103,16 @@ def test_bad_numbers_are_config_errors():
         cli([*TINY, "--steps", "three"])
     with pytest.raises(ConfigError, match=">= 1"):
         cli([*TINY, "--steps", "0"])
+
+
+def test_cli_wiring_and_imports_stay_torch_free(capsys):
+    """`fitgpt bench` is a command; importing the CLI and fitgpt.bench does not import torch."""
+    import subprocess
+    import sys
+
+    from fitgpt.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    assert "--variants" in capsys.readouterr().out
+    code = "import sys, fitgpt.cli, fitgpt.bench; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

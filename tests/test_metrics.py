@@ -51,6 +51,7 @@ def test_bits_per_byte_counts_text_bytes_not_eot(tmp_path):
     nbytes = len(enc.decode_bytes([t for t in targets if t != enc.eot_token]))
     assert enc.eot_token in targets and nbytes > 0
     assert res.bpb == pytest.approx(res.loss * res.tokens / (math.log(2) * nbytes), rel=1e-9)
+    assert res.target_bytes == nbytes
     table = token_bytes(50257, 50304)
     assert table[enc.eot_token] == 0 and table[50257:].sum() == 0 and len(table) == 50304
     assert evaluate(model, val, 4, CPU, vocab=None).bpb is None  # vocabulary unknown
@@ -66,6 +67,7 @@ def test_bpb_is_none_for_a_non_gpt2_vocabulary(shard_dir):
 def test_mfu_uses_the_card_peak_and_is_none_on_cpu(monkeypatch):
     """Guards MFU = training FLOPs per token x tokens/s / the card's 16-bit peak, the FLOPs
     being the model's own count; None on a CPU."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = Config()
     model = build_model(tiny_config("d", "o"), torch.device("cpu"))
     assert flops_per_token(tiny_config("d", "o")) == model.flops_per_token()
@@ -78,6 +80,8 @@ def test_mfu_uses_the_card_peak_and_is_none_on_cpu(monkeypatch):
     try:
         cfg.train.device = "auto"
         assert report.mfu(cfg, 1e5) == pytest.approx(flops_per_token(cfg) * 1e5 / 989e12)
+        monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun: tokens/s of 4 cards together
+        assert report.mfu(cfg, 1e5) == pytest.approx(flops_per_token(cfg) * 1e5 / 989e12 / 4)
     finally:
         report.peak_flops.cache_clear()
 
@@ -94,6 +98,7 @@ def test_records_carry_mfu_and_bpb_and_go_to_tensorboard(tmp_path, monkeypatch):
     cfg = tiny_config("d", tmp_path)
     cfg.log.tensorboard = True
     monkeypatch.setattr(report, "peak_flops", lambda device: 1e12)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     trackers = report.start_trackers(cfg, tmp_path)
     log = RunLog(tmp_path, 0, progress=False)
     state = State(step=10, tokens=2560)
