@@ -31,13 +31,6 @@ def records(run_dir: Path, kind: str, key: str) -> list[float]:
     return [r[key] for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def write_cfg(tmp_path, name, **over) -> Path:
-    cfg = tiny_config(tmp_path.parent / "shards", tmp_path / name, **over)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(to_toml(cfg))
-    return path
-
-
 @pytest.fixture
 def shards(shard_dir):
     return shard_dir

@@ -1,1 +1,2 @@
-"""Memory: measure (tracker), and, in later modules, estimate, fit and recover."""
+"""Memory: measure (tracker, measure), estimate, plan and fit (estimate, gpus, fit, plan,
+verify), and recover from out-of-memory (recover)."""
