@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{row['name']}: train {_cell(row['train'].get('measured_allocated'))}, eval "
             f"{_cell(row['eval'].get('measured_allocated'))} ({row['seconds']} s)")
         torch.cuda.reset_peak_memory_stats()
-    table = markdown(rows)
-    say(table)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "markdown": table}, f, indent=2)
+        done = [r for r in rows if "seconds" in r]  # after every row: a timeout keeps the earlier ones
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": done, "markdown": markdown(done)}, f, indent=2)
+    say(markdown(rows))
     say(f"wrote {args.out}")
     return 0
 

@@ -132,11 +132,21 @@ def summary(cfg, state, model, rt: Runtime, run_dir: Path, status: str) -> dict[
     return out
 
 
-def sample_text(model, cfg: Config, rt: Runtime) -> str:
-    """A short generated text after training (seeded, temperature 0.8, top-k 200)."""
-    from fitgpt.tokenizer import gpt2_encoding
+def sample_text(model, cfg: Config, rt: Runtime) -> str | None:
+    """A short generated text after training (seeded, temperature 0.8, top-k 200); None, with a
+    note, when it cannot be made (a vocabulary smaller than GPT-2's, or no tokenizer files)."""
+    from fitgpt.errors import FitError
+    from fitgpt.tokenizer import N_VOCAB, gpt2_encoding
 
-    enc = gpt2_encoding()
+    if cfg.model.vocab_size < N_VOCAB:
+        say(f"no sample: eval.sample_tokens needs the GPT-2 vocabulary, and model.vocab_size is "
+            f"{cfg.model.vocab_size}")
+        return None
+    try:
+        enc = gpt2_encoding()
+    except FitError as e:
+        say(f"no sample: {e}")
+        return None
     prompt = enc.encode_ordinary(cfg.eval.sample_prompt) or [50256]
     idx = torch.tensor([prompt], dtype=torch.long, device=rt.device)
     gen = torch.Generator().manual_seed(cfg.train.seed)

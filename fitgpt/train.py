@@ -356,7 +356,9 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     summary = report.summary(cfg, state, model, rt, run_dir, status)
     if world.main:
         if cfg.eval.sample_tokens and status == "completed" and not fsdp:
-            summary["sample"] = report.sample_text(model, cfg, rt)
+            text = report.sample_text(model, cfg, rt)
+            if text is not None:
+                summary["sample"] = text
         report.write_json(run_dir / "summary.json", summary)
         report.finish_plots(run_dir)
     if wandb_run is not None:

@@ -125,6 +125,32 @@ def test_eval_command_matches_training_eval(shard_dir, tmp_path, capsys):
     assert f"val loss {s['val_loss']:.4f}" in out
 
 
+def test_end_of_run_sample_is_skipped_not_fatal(shard_dir, tmp_path, monkeypatch, capsys):
+    """eval.sample_tokens with a vocabulary smaller than GPT-2's, or with no tokenizer files (an
+    offline machine), skips the sample with a note; the run still completes and writes its
+    summary. With the GPT-2 vocabulary and the tokenizer present, the sample is in the summary."""
+    import fitgpt.tokenizer
+    from fitgpt.errors import DataError
+
+    s = run(tiny_config(shard_dir, tmp_path / "a", train__max_steps=2, eval__sample_tokens=4))
+    assert s["status"] == "completed" and "sample" not in s
+    assert "no sample: eval.sample_tokens needs the GPT-2 vocabulary" in capsys.readouterr().out
+    assert json.loads((Path(s["run_dir"]) / "summary.json").read_text())["steps"] == 2
+
+    big = dict(train__max_steps=1, eval__sample_tokens=4, model__vocab_size=50304)
+    s = run(tiny_config(shard_dir, tmp_path / "b", **big))
+    assert isinstance(s["sample"], str) and s["sample"]
+
+    def offline():
+        raise DataError("no GPT-2 tokenizer files")
+
+    monkeypatch.setattr(fitgpt.tokenizer, "gpt2_encoding", offline)
+    s = run(tiny_config(shard_dir, tmp_path / "c", **big))
+    assert s["status"] == "completed" and "sample" not in s
+    assert "no sample: no GPT-2 tokenizer files" in capsys.readouterr().out
+    assert (Path(s["run_dir"]) / "summary.json").is_file()
+
+
 class _Boom:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['BOOM_MARKER']}",))
