@@ -4,9 +4,10 @@
 # tokens/s and peak memory each run's summary.json records. Synthetic data: a 2M-token shard
 # written by the script itself.
 set -euo pipefail
+py=${PYTHON:-python3}
 out=${1:-/tmp/fitgpt_parallel_check}
 mkdir -p "$out/data"
-python - "$out/data" <<'PY'
+"$py" - "$out/data" <<'PY'
 import sys, numpy as np
 from fitgpt.data import write_shard
 rng = np.random.default_rng(0)
@@ -15,10 +16,10 @@ write_shard(f"{sys.argv[1]}/synthetic_train_000001.bin", rng.integers(0, 50257, 
 PY
 common=(fitgpt/configs/seed-77m.py --data.dir="$out/data" --max_iters=20 --eval_interval=20
         --eval.tokens=65536 --log.interval=5 --gradient_accumulation_steps=4 --log.out_dir="$out")
-python -m fitgpt train "${common[@]}" --log.run_name=single
-python -m torch.distributed.run --standalone --nproc_per_node=1 -m fitgpt train "${common[@]}" --log.run_name=ddp
-python -m torch.distributed.run --standalone --nproc_per_node=1 -m fitgpt train "${common[@]}" --parallel.mode=fsdp --log.run_name=fsdp
-python - "$out" <<'PY'
+"$py" -m fitgpt train "${common[@]}" --log.run_name=single
+"$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m fitgpt train "${common[@]}" --log.run_name=ddp
+"$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m fitgpt train "${common[@]}" --parallel.mode=fsdp --log.run_name=fsdp
+"$py" - "$out" <<'PY'
 import json, sys
 for name in ("single", "ddp", "fsdp"):
     s = json.load(open(f"{sys.argv[1]}/{name}/summary.json"))

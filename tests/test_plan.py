@@ -5,6 +5,7 @@ the tokens per optimizer step, `fitgpt plan` output (tables, JSON, nanoGPT files
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,17 @@ def test_gpu_bench_script_dry_run():
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "train" in line]
     assert len(rows) >= 8
+
+
+def test_gpu_session_script_dry_run(tmp_path):
+    """bench/gpu_session.sh --dry-run runs each GPU check's dry run from the checkout (fitgpt on
+    PYTHONPATH), and each ends with rc 0 in the session log."""
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "--dry-run", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stderr
+    log = (tmp_path / "gpu_session.log").read_text()
+    for name in ("memory", "seed", "speed"):
+        assert f"## {name}: rc 0 in" in log, log[-2000:]
+    assert "12 configurations; predictions for CUDA float16" in log
+    assert "seed, full logits, batches predicted to fit 12 GiB: 8 (" in log
