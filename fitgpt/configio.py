@@ -411,7 +411,7 @@ def check(cfg: Config) -> None:
         "model.block_size": m.block_size, "model.vocab_size": m.vocab_size,
         "model.vocab_multiple": m.vocab_multiple, "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum, "eval.interval": e.interval, "eval.iters": e.iters,
-        "memory.loss_chunk": mem.loss_chunk, "log.interval": log.interval, "log.keep": log.keep,
+        "log.interval": log.interval, "log.keep": log.keep,
         "memory.micro_split": mem.micro_split, "train.max_nonfinite": t.max_nonfinite,
     }
     for opt in ("eval.batch_size", "eval.block_size", "eval.tokens", "train.lr_decay_steps"):
@@ -421,8 +421,9 @@ def check(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key} must be positive, got {v}")
-    if t.max_steps < 0 or t.warmup_steps < 0 or e.sample_tokens < 0:
-        raise ConfigError("train.max_steps, train.warmup_steps and eval.sample_tokens must be >= 0")
+    if t.max_steps < 0 or t.warmup_steps < 0 or e.sample_tokens < 0 or mem.loss_chunk < 0:
+        raise ConfigError("train.max_steps, train.warmup_steps, eval.sample_tokens and memory.loss_chunk "
+                          "must be >= 0")
     if m.n_embd % m.n_head:
         divisors = [h for h in range(1, m.n_embd + 1) if m.n_embd % h == 0 and abs(h - m.n_head) <= 8]
         raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "

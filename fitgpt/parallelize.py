@@ -25,10 +25,10 @@ def apply_activation_checkpointing(model: GPT) -> None:
             block._fitgpt_checkpointed = True
 
 
-def apply_memory_options(model: GPT, memory_cfg) -> GPT:
+def apply_memory_options(model: GPT, memory_cfg, device_type: str) -> GPT:
     """Loss implementation and activation checkpointing from the `memory` config section."""
     model.loss_impl = memory_cfg.loss
-    model.loss_chunk = memory_cfg.loss_chunk
+    model.loss_chunk = memory_cfg.chunk_rows(device_type)
     if memory_cfg.checkpointing:
         apply_activation_checkpointing(model)
     return model

@@ -78,7 +78,7 @@ def build_model(cfg: Config, device: torch.device, init: bool = True) -> GPT:
     model.lm_head.weight = model.transformer.wte.weight  # keep the tie explicit after to_empty
     if init:
         model.init_weights(cfg.train.seed)
-    return apply_memory_options(model, cfg.memory)
+    return apply_memory_options(model, cfg.memory, device.type)
 
 
 def clean_state_dict(sd: dict) -> dict:

@@ -224,7 +224,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
              f"{cfg.train.grad_accum} x block {cfg.model.block_size} | eval: {val.n_windows} "
              f"windows of {cfg.eval_block_size} ({val.n_tokens:,} tokens) in batches of "
              f"{state.eval_batch} | loss {cfg.memory.loss}"
-             + (f" (chunk {cfg.memory.loss_chunk})" if cfg.memory.loss == "chunked" else "")
+             + (f" (chunk {cfg.memory.chunk_rows(rt.device_type)})" if cfg.memory.loss == "chunked" else "")
              + (" | activation checkpointing" if cfg.memory.checkpointing else "")
              + (f" | micro-batch split in {state.split}" if state.split > 1 else "")
              + (f" | {world.size} processes, {cfg.parallel.mode}" if world.active else ""))

@@ -229,3 +229,8 @@ def test_nanogpt_meta_pkl_vocab(tmp_path, monkeypatch):
     meta.write_bytes(pickle.dumps({"vocab_size": Evil()}))
     with pytest.raises(ConfigError, match="not a plain nanoGPT meta.pkl"):
         load_config(str(p), [])
+
+
+def test_negative_loss_chunk_is_refused(capsys):
+    assert main(["plan", "--memory.loss_chunk=-1"]) == 2
+    assert "memory.loss_chunk must be >= 0" in capsys.readouterr().err

@@ -140,3 +140,25 @@ def test_parallel_modes_per_process():
     # with accumulation a single process holds its gradients all step; DDP's buckets replace them
     assert abs(ddp.train.allocated - single.train.allocated) < 0.01 * single.train.allocated
     assert fsdp.train.allocated < 0.9 * single.train.allocated
+
+
+def test_automatic_loss_chunk_is_per_device_and_the_planner_follows_it():
+    """memory.loss_chunk=0 (the default) is 256 rows on a CPU and 2048 on a GPU; an explicit value
+    wins. The model built on the CPU uses 256, and the planner's CPU estimate (within 3 % of the
+    tracker) is the estimate for an explicit 256 and below the one for 2048; on CUDA, automatic
+    is 2048's estimate."""
+    cfg = make_cfg(2, 64, 4, 8192, 64, 8, 1, "chunked", False, False, None, None)
+    cfg.memory.loss_chunk = 0
+    assert Config().memory.loss_chunk == 0
+    assert (cfg.memory.chunk_rows("cpu"), cfg.memory.chunk_rows("cuda")) == (256, 2048)
+    assert build_model(cfg, torch.device("cpu")).loss_chunk == 256
+    auto_cpu, auto_cuda = estimate(cfg, "cpu", "float32"), estimate(cfg, "cuda", "float32")
+    train, ev = measure(cfg, "float32")
+    assert abs(auto_cpu.train.allocated - train) <= 0.03 * train
+    assert abs(auto_cpu.eval.allocated - ev) <= 0.03 * ev
+    for chunk, cpu_same, cuda_same in ((256, True, False), (2048, False, True)):
+        cfg.memory.loss_chunk = chunk
+        assert cfg.memory.chunk_rows("cuda") == chunk
+        assert (estimate(cfg, "cpu", "float32").train.allocated == auto_cpu.train.allocated) is cpu_same
+        assert (estimate(cfg, "cuda", "float32").train.allocated == auto_cuda.train.allocated) is cuda_same
+    assert estimate(cfg, "cpu", "float32").train.allocated > auto_cpu.train.allocated

@@ -363,6 +363,7 @@ def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     b, T = -(-cfg.train.batch_size // split), cfg.model.block_size  # the largest slice
     N = b * T
     chunked = cfg.memory.loss == "chunked"
+    chunk = cfg.memory.chunk_rows(device_type)
     sizes = s.param_sizes()
     world, mode, scale = _parallel(cfg, a)
     tl = Timeline(scale)
@@ -393,7 +394,7 @@ def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
             x = out
         ln_f = tl.alloc("activations", 4 * N * s.C)
         stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
-        kept = _loss(tl, s, N, a, chunked, cfg.memory.loss_chunk, grad=True)
+        kept = _loss(tl, s, N, a, chunked, chunk, grad=True)
         tl.free(pos, *cache)  # the autocast region ends with the forward
         if a == 2 or chunked:
             tl.free(ln_f)  # only the cast copy (or nothing) was saved by the loss
@@ -438,8 +439,9 @@ def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     return tl
 
 
-def eval_timeline(cfg: Config, a: int) -> Timeline:
+def eval_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     s = _shape(cfg)
+    chunk = cfg.memory.chunk_rows(device_type)
     b, T = cfg.eval_batch_size, cfg.eval_block_size
     N = b * T
     sizes = s.param_sizes()
@@ -467,7 +469,7 @@ def eval_timeline(cfg: Config, a: int) -> Timeline:
     stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
     tl.free(*stats)
     tl.free(x)
-    kept = _loss(tl, s, N, a, cfg.memory.loss == "chunked", cfg.memory.loss_chunk, grad=False)
+    kept = _loss(tl, s, N, a, cfg.memory.loss == "chunked", chunk, grad=False)
     tl.free(ln_f, pos, *kept, *cached, *batch)
     return tl
 
@@ -487,7 +489,7 @@ def estimate(cfg: Config, device_type: str = "cuda", dtype: str | None = None) -
     b, T, C, L = cfg.train.batch_size, cfg.model.block_size, s.C, s.L
     eb, eT = cfg.eval_batch_size, cfg.eval_block_size
     per_block = "checkpointed: block inputs only" if cfg.memory.checkpointing else "saved for backward"
-    chunk = cfg.memory.loss_chunk
+    chunk = cfg.memory.chunk_rows(device_type)
     notes = {
         "weights": f"{P / 1e6:.1f}M params x 4 B (fp32)",
         "optimizer state": "AdamW exp_avg + exp_avg_sq, fp32: 8 B/param",
@@ -511,7 +513,7 @@ def estimate(cfg: Config, device_type: str = "cuda", dtype: str | None = None) -
     en["logits and loss"] = (f"chunks of {chunk} rows x V={s.V}" if cfg.memory.loss == "chunked"
                              else f"full logits: b x s x V = {eb}x{eT}x{s.V}")
     en["eval buffers"] = "token ids and the loss sum"
-    ttl, etl = train_timeline(cfg, a, device_type), eval_timeline(cfg, a)
+    ttl, etl = train_timeline(cfg, a, device_type), eval_timeline(cfg, a, device_type)
     train = PhaseEstimate("train", _parts(ttl, tn), ttl.peak)
     ev = PhaseEstimate("eval", _parts(etl, en), etl.peak)
     if device_type == "cuda":
