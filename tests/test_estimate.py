@@ -8,7 +8,8 @@ import torch
 
 from fitgpt.config import Config
 from fitgpt.evaluate import evaluate
-from fitgpt.memory.estimate import CUBLAS_WORKSPACE, CUDA_CONTEXT, FRAGMENTATION, estimate, r
+from fitgpt.memory.estimate import CUBLAS_WORKSPACE, CUDA_CONTEXT, FRAGMENTATION, estimate
+from fitgpt.memory.timeline import r
 from fitgpt.memory.tracker import StorageTracker
 from fitgpt.runtime import Runtime, build_model
 from fitgpt.train import train_step

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from fitgpt.config import Config
 from fitgpt.errors import ConfigError
 from fitgpt.log import fmt_bytes
-from fitgpt.memory.estimate import Estimate, estimate
+from fitgpt.memory.estimate import estimate
 from fitgpt.memory.gpus import Gpu
+from fitgpt.memory.timeline import Estimate
 
 SATURATION_TOKENS = 16384  # rows per matmul at which the utilisation model saturates
 CHUNKED_COST = 1.02  # chunked loss: ~2 % slower than the full one (more, smaller kernels)

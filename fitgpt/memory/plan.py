@@ -14,9 +14,10 @@ from fitgpt.config import Config
 from fitgpt.configio import parse_size
 from fitgpt.errors import ConfigError
 from fitgpt.log import fmt_bytes
-from fitgpt.memory.estimate import Estimate, PhaseEstimate, estimate
+from fitgpt.memory.estimate import estimate
 from fitgpt.memory.fit import Proposal, auto_fit, proposals, resolve_dtype
 from fitgpt.memory.gpus import Gpu
+from fitgpt.memory.timeline import Estimate, PhaseEstimate
 
 LOW_USE = 0.40  # below this share of the card, proposals show what the spare memory could buy
 SHOWN = 8  # proposals in the table
