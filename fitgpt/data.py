@@ -194,7 +194,8 @@ def find_splits(data_dir: str | os.PathLike[str]) -> tuple[list[Path], list[Path
         DataError: the folder is missing or lacks train or val shards (message says how to fix).
     """
     root = Path(data_dir)
-    fix = "run `fitgpt train` without a data dir for the built-in demo, or prepare token shards"
+    fix = (f"make shards with `fitgpt prepare text FILES --out {root}` or `fitgpt prepare fineweb "
+           f"--out {root}` (or use the built-in demo: `fitgpt train` without a data dir)")
     if not root.is_dir():
         raise DataError(f"data dir {root} does not exist or is not a folder; {fix}")
 
