@@ -98,6 +98,10 @@ def cmd_train(args: list[str]) -> int:
         from fitgpt.distributed import launch
 
         return launch(cfg.parallel.nproc, ["train", *args])
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and cfg.parallel.nproc != world:  # launched by torchrun itself
+        notes.append(f"parallel.nproc={world} from torchrun's WORLD_SIZE (memory is planned per process)")
+        cfg.parallel.nproc = world
     from fitgpt.log import say
 
     for note in notes:

@@ -95,6 +95,17 @@ def wrap(model: torch.nn.Module, mode: str, world: World, rt) -> torch.nn.Module
     raise ConfigError(f"parallel.mode: expected single, ddp or fsdp, got {mode!r}")
 
 
+def grads_live_in_buckets(model: torch.nn.Module) -> bool:
+    """True under DDP with gradient_as_bucket_view: each gradient is a view of DDP's all-reduce
+    buckets, which live as long as the DDP module whatever zero_grad does. Keeping the views
+    (zero_grad(set_to_none=False)) costs no memory, lets backward accumulate in place, and lets
+    the CPU storage tracker see the buckets through the parameters' .grad."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    m = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return isinstance(m, DDP) and bool(m.gradient_as_bucket_view)
+
+
 def no_sync(model: torch.nn.Module, last: bool):
     """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last
     micro-step of an optimizer step."""

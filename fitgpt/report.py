@@ -100,13 +100,17 @@ def record_eval(state, res: EvalResult, log, wandb_run) -> None:
         wandb_run.log(rec, step=state.step)
 
 
-def summary(cfg, state, model, rt: Runtime, run_dir: Path, status: str) -> dict[str, Any]:
+def summary(cfg, state, model, rt: Runtime, run_dir: Path, status: str,
+            untracked: bool = False) -> dict[str, Any]:
+    """summary.json's content, and the closing lines; `untracked`: FSDP on the CPU, which the
+    storage tracker cannot measure."""
     from fitgpt.memory.estimate import estimate
 
     tok_s = state.train_tokens_timed / state.train_seconds if state.train_seconds else None
     dtype = str(rt.dtype).replace("torch.", "")
     est = estimate(cfg, rt.device_type, dtype)
     how = "cuda max_memory_allocated" if rt.device_type == "cuda" else (
+        "not measured: the CPU storage tracker cannot follow FSDP2's storage resizes" if untracked else
         "storage tracker (first two steps, first evaluation)" if cfg.memory.track else "not measured")
     out = {
         "status": status, "steps": state.step, "tokens": state.tokens,

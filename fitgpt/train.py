@@ -80,15 +80,16 @@ def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: fl
     loss = distributed.mean_across(loss_sum / grad_accum)  # NaN on any process: NaN on all
     skipped = not bool(torch.isfinite(loss).item())  # one sync per optimizer step
     norm = None
+    to_none = not distributed.grads_live_in_buckets(model)
     if skipped and not scaler.is_enabled():
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=to_none)
         return loss, norm, True
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)  # with float16, skips steps whose gradients are not finite
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=to_none)
     return loss, norm, skipped
 
 
@@ -169,6 +170,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     world, device = distributed.init(cfg.train.device, cfg.parallel.backend)
     if world.active:
         distributed.check_divisible(cfg.train.grad_accum, world)
+        cfg.parallel.nproc = world.size  # the planner's per-process figures follow the real world
     rt = resolve_runtime(device, cfg.train.dtype)
     data_dir = resolve_data_dir(cfg.data.dir) if world.main else None
     data_dir = distributed.broadcast_object(data_dir, world)  # the demo is prepared once
@@ -214,7 +216,10 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     total = cfg.train.max_steps
     log = RunLog(run_dir, max(0, total - state.step), cfg.log.progress)
     wandb_run = report.start_trackers(cfg, run_dir) if world.main else None
-    meter = Meter(rt, cfg.memory.track)
+    # FSDP2 allocates and frees its gathered parameters by resizing storages in place, which the
+    # CPU storage tracker cannot see: on the CPU, FSDP runs are not measured rather than mismeasured
+    cpu_fsdp = fsdp and rt.device_type != "cuda"
+    meter = Meter(rt, cfg.memory.track and not cpu_fsdp)
     for line in summary_lines(cfg):
         log.info(line)
     log.info(f"fitgpt {__version__} | {rt.device} {str(rt.dtype).replace('torch.', '')} | "
@@ -353,7 +358,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         log.close()
     if status == "stopped":
         log.info(f"stopped at step {state.step}; resume with: fitgpt train --resume {run_dir}")
-    summary = report.summary(cfg, state, model, rt, run_dir, status)
+    summary = report.summary(cfg, state, model, rt, run_dir, status, untracked=cpu_fsdp)
     if world.main:
         if cfg.eval.sample_tokens and status == "completed" and not fsdp:
             text = report.sample_text(model, cfg, rt)

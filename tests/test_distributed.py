@@ -57,6 +57,26 @@ def test_ddp_two_ranks_equal_one_process(shards, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_ddp_memory_is_planned_per_process_and_measured(shards, tmp_path):
+    """Launched by torchrun itself (parallel.nproc left at 1 in the config), the run plans memory
+    for the real world size: DDP's all-reduce buckets stay alive through evaluation, so the
+    per-process eval prediction exceeds a single process's. The CPU storage tracker sees the
+    buckets through the gradients (kept as bucket views), and measured equals predicted."""
+    cfg = tiny_config(shards, tmp_path / "ddp", train__max_steps=2, eval__interval=2)
+    single = run(tiny_config(shards, tmp_path / "one", train__max_steps=2, eval__interval=2))
+    path = tmp_path / "ddp.toml"
+    path.write_text(to_toml(cfg))
+    proc = torchrun(["train", str(path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parallel.nproc=2 from torchrun's WORLD_SIZE" in proc.stdout
+    s = json.loads((tmp_path / "ddp" / "run" / "summary.json").read_text())
+    for phase in ("train", "eval"):
+        measured, predicted = s[f"peak_{phase}_bytes"], s[f"predicted_{phase}_bytes"]
+        assert abs(measured - predicted) <= 0.01 * measured, (phase, measured, predicted)
+    assert s["predicted_eval_bytes"] > single["predicted_eval_bytes"]
+    assert s["peak_eval_bytes"] > single["peak_eval_bytes"]
+
+
 def test_checkpoints_move_between_world_sizes(shards, tmp_path):
     """A 2-rank checkpoint resumes in 1 process, and a 1-process checkpoint resumes on 2 ranks,
     both continuing the single process's trajectory."""
@@ -114,6 +134,10 @@ def test_fsdp2_on_cpu(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = records(tmp_path / "fsdp" / "run", "train", "loss")
     np.testing.assert_allclose(got, records(Path(single["run_dir"]), "train", "loss"), rtol=1e-5)
+    s = json.loads((tmp_path / "fsdp" / "run" / "summary.json").read_text())
+    # the tracker cannot follow FSDP2's storage resizes: not measured rather than mismeasured
+    assert s["memory_measured_by"].startswith("not measured") and s["peak_train_bytes"] is None
+    assert s["predicted_train_bytes"] < single["predicted_train_bytes"]  # sharded state
     c, ckpt, run_dir = resume_config(str(tmp_path / "fsdp" / "run"), None,
                                      ["--train.max_steps=5", "--parallel.mode=ddp"], [])
     assert run(c, ckpt=ckpt, run_dir=run_dir)["status"] == "completed"
