@@ -106,6 +106,19 @@ def grads_live_in_buckets(model: torch.nn.Module) -> bool:
     return isinstance(m, DDP) and bool(m.gradient_as_bucket_view)
 
 
+def exchanges_data(model: torch.nn.Module, stage: str, last: bool) -> bool:
+    """Whether this stage ('forward' or 'backward') of a micro-step talks to the other processes:
+    FSDP2 gathers parameters in both, DDP all-reduces gradients in the last micro-step's backward.
+    Out of memory after such an exchange began cannot be retried by one process alone: the others
+    are inside the same collective."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    m = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
+        return True
+    return isinstance(m, DDP) and last and stage == "backward"
+
+
 def no_sync(model: torch.nn.Module, last: bool):
     """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last
     micro-step of an optimizer step."""

@@ -2,8 +2,11 @@
 kill the process, so that recovery paths are exercised on a CPU.
 
 Set FITGPT_FAULT to a comma-separated list of:
-  oom:PHASE:STEP:BATCH  raise torch.OutOfMemoryError in PHASE (train or eval) at STEP while the
-                        (micro- or eval) batch is at least BATCH sequences
+  oom:PHASE:STEP:BATCH[:RANK]
+                        raise torch.OutOfMemoryError in PHASE at STEP while the (micro- or
+                        eval) batch is at least BATCH sequences (only in process RANK when given).
+                        PHASE: train (a micro-step's start), backward (just before a micro-step's
+                        backward) or eval
   nan:STEP              make the training loss NaN at STEP
   kill:STEP             SIGKILL this process right after the checkpoint at STEP is saved
   raise:RANK:STEP       raise an error in process RANK at STEP (a failing rank under torchrun)
@@ -29,7 +32,8 @@ def _faults() -> list[tuple[str, ...]]:
 
 def maybe_oom(phase: str, step: int, batch: int) -> None:
     for f in _faults():
-        if f[0] == "oom" and f[1] == phase and int(f[2]) == step and batch >= int(f[3]):
+        if f[0] == "oom" and f[1] == phase and int(f[2]) == step and batch >= int(f[3]) and (
+                len(f) < 5 or int(f[4]) == int(os.environ.get("RANK", 0))):
             import torch
 
             raise torch.OutOfMemoryError(

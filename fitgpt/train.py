@@ -53,11 +53,12 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: float, rt: Runtime,
-               split: int = 1, data: list | None = None, step: int = 0):
+               split: int = 1, data: list | None = None, step: int = 0, exchange: dict | None = None):
     """One optimizer step over grad_accum micro-batches, each processed as `split` slices (the
     out-of-memory back-off: the same tokens, a smaller peak). Returns (mean loss, grad norm,
     skipped) with the loss and norm as device tensors; nothing else survives the call.
-    A non-finite loss skips the optimizer step (the GradScaler's own skip with float16)."""
+    A non-finite loss skips the optimizer step (the GradScaler's own skip with float16).
+    `exchange["began"]` is set once a stage that talks to the other processes starts."""
     data = data if data is not None else [batches.next_batch() for _ in range(grad_accum)]
     grad_accum = len(data)  # this process's share of the step's micro-batches
     loss_sum = torch.zeros((), device=rt.device)
@@ -68,12 +69,18 @@ def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: fl
         faults.maybe_oom("train", step, xs.size(0))
         faults.maybe_raise(step)
         x, y = rt.to_device(xs, ys)
-        with distributed.no_sync(model, last=k == len(pieces) - 1):
+        last = k == len(pieces) - 1
+        with distributed.no_sync(model, last=last):
+            if exchange is not None and distributed.exchanges_data(model, "forward", last):
+                exchange["began"] = True
             with rt.autocast():
                 loss = model(x, y)
             if faults.nan_at(step):
                 loss = loss * float("nan")
             weight = xs.size(0) / n / grad_accum  # slices of a micro-batch weigh by their size
+            if exchange is not None and distributed.exchanges_data(model, "backward", last):
+                exchange["began"] = True
+            faults.maybe_oom("backward", step, xs.size(0))
             scaler.scale(loss * weight).backward()
         loss_sum += loss.detach() * (xs.size(0) / n)
         del x, y, loss
@@ -255,11 +262,24 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         state.backoffs.append({"step": state.step, "phase": phase, what: [old, new]})
         log.info(f"out of memory in {phase} at step {state.step}: {what} {old} -> {new}, retrying")
 
+    def stranded(phase: str, setting: str) -> None:
+        """Out of memory in one process after it began a collective with the others: no process
+        can retry alone (the others wait inside the collective), so this one stops the job."""
+        raise OutOfMemory(
+            f"out of memory in {phase} at step {state.step} in process {world.rank} of {world.size}, "
+            f"after it began exchanging data with the others, so the step cannot be retried in place "
+            f"and the job stops; resume from the last checkpoint with less memory per process: "
+            f"fitgpt train --resume {run_dir} {setting} (or see `fitgpt plan`)")
+
     def give_up(phase: str, size: str) -> None:
-        checkpoint()
         hint = best_suggestion(cfg)
+        hint = f"; {hint}" if hint else "; see `fitgpt plan`"
+        if world.active:  # the others may wait in a collective: no checkpoint (its barrier would hang)
+            raise OutOfMemory(f"out of memory in {phase} even at {size} in process {world.rank} of "
+                              f"{world.size}; the job stops, its last checkpoint is in {run_dir}" + hint)
+        checkpoint()
         raise OutOfMemory(f"out of memory in {phase} even at {size}; stopped with a checkpoint in "
-                          f"{run_dir}" + (f"; {hint}" if hint else "; see `fitgpt plan`"))
+                          f"{run_dir}" + hint)
 
     def do_eval(measure: bool) -> EvalResult:
         while True:
@@ -277,6 +297,8 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
                     res = dataclasses.replace(res, loss=nats / tokens, tokens=int(tokens), bpb=bpb,
                                               target_bytes=int(nbytes) or None)
                 return res
+            if fsdp:  # every forward gathers parameters with the other processes
+                stranded("evaluation", f"--eval.batch_size={max(1, state.eval_batch // 2)}")
             if state.eval_batch == 1:
                 give_up("evaluation", "eval batch size 1")
             backoff("evaluation", "eval_batch_size", state.eval_batch, state.eval_batch // 2)
@@ -286,14 +308,18 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         data = [batches.next_batch() for _ in range(cfg.train.grad_accum)]  # kept for retries
         data = data[world.rank::world.size]  # this process's share of the global stream
         check_tokens(data, cfg.model.vocab_size, f"training data in {data_dir}")
+        exchange: dict = {}  # set by train_step once a collective with the others began
         while True:
+            exchange.clear()
             ok, out = attempt(lambda: meter.measure(
                 lambda: train_step(fwd, optimizer, scaler, batches, cfg.train.grad_accum,
-                                   cfg.train.grad_clip, rt, state.split, data, state.step),
+                                   cfg.train.grad_clip, rt, state.split, data, state.step, exchange),
                 model, optimizer, trained_steps < 2), cfg.memory.recover)  # step 2 has AdamW state
             if ok:
                 state.peaks.record("train", *out[1:])
                 return out[0]
+            if exchange.get("began"):
+                stranded("training", f"--memory.micro_split={state.split * 2}")
             if -(-cfg.train.batch_size // state.split) <= 1:
                 give_up("training", "micro-batch 1")
             backoff("training", "micro_split", state.split, state.split * 2)

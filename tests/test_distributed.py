@@ -119,6 +119,34 @@ def test_failing_rank_brings_the_job_down(shards, tmp_path):
     assert "injected failure in rank 1 at step 2" in proc.stderr + proc.stdout
 
 
+def test_out_of_memory_in_one_process(shards, tmp_path):
+    """Out of memory in one process before it exchanged anything this step (here at the start of
+    a micro-step) is retried in place with the micro-batch in slices: the others simply wait in
+    the all-reduce, and the losses equal a run without the fault. Out of memory in the backward
+    that all-reduces the gradients cannot be retried by one process: the job stops at once, with
+    one line that says how to resume, instead of hanging in the collective."""
+    common = dict(train__max_steps=4, train__lr_decay_steps=4, eval__interval=4, train__grad_accum=2)
+    clean = tmp_path / "clean.toml"
+    clean.write_text(to_toml(tiny_config(shards, tmp_path / "clean", **common)))
+    assert torchrun(["train", str(clean)]).returncode == 0
+    path = tmp_path / "oom.toml"
+    path.write_text(to_toml(tiny_config(shards, tmp_path / "oom", **common)))
+    proc = torchrun(["train", str(path)], env={"FITGPT_FAULT": "oom:train:2:4:1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(records(tmp_path / "oom" / "run", "train", "loss"),
+                               records(tmp_path / "clean" / "run", "train", "loss"), rtol=1e-5)
+    assert records(tmp_path / "oom" / "run", "eval", "val_loss")[-1] == pytest.approx(
+        records(tmp_path / "clean" / "run", "eval", "val_loss")[-1], rel=1e-5)
+
+    path = tmp_path / "stuck.toml"
+    path.write_text(to_toml(tiny_config(shards, tmp_path / "stuck", **common)))
+    proc = torchrun(["train", str(path)], env={"FITGPT_FAULT": "oom:backward:2:4:1"}, timeout=120)
+    assert proc.returncode != 0
+    line = next(x for x in (proc.stdout + proc.stderr).splitlines() if "out of memory" in x)
+    assert line.startswith("fitgpt: error: out of memory in training at step 2 in process 1 of 2")
+    assert f"fitgpt train --resume {tmp_path / 'stuck' / 'run'} --memory.micro_split=2" in line
+
+
 def test_fsdp2_on_cpu(shards, tmp_path):
     """FSDP2 (fully_shard per block and root) trains on 2 CPU ranks and matches one process;
     its checkpoint (gathered to rank 0) resumes in one process."""
