@@ -10,6 +10,7 @@ Set FITGPT_FAULT to a comma-separated list of:
   nan:STEP              make the training loss NaN at STEP
   kill:STEP             SIGKILL this process right after the checkpoint at STEP is saved
   raise:RANK:STEP       raise an error in process RANK at STEP (a failing rank under torchrun)
+  stop:RANK:STEP        request a graceful stop (as Ctrl-C does) in process RANK before STEP
 Steps count optimizer steps from 0, as the log does. Unset, every check is a dictionary lookup.
 """
 
@@ -53,3 +54,8 @@ def maybe_raise(step: int) -> None:
     rank = int(os.environ.get("RANK", 0))
     if any(f[0] == "raise" and int(f[1]) == rank and int(f[2]) == step for f in _faults()):
         raise RuntimeError(f"injected failure in rank {rank} at step {step}")
+
+
+def stop_at(step: int) -> bool:
+    rank = int(os.environ.get("RANK", 0))
+    return any(f[0] == "stop" and int(f[1]) == rank and int(f[2]) == step for f in _faults())

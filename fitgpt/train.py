@@ -331,7 +331,12 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     try:
         with _StopFlag(state, log):
             while True:
-                if state.stop_requested and not cfg.train.eval_only:
+                if faults.stop_at(state.step):
+                    state.stop_requested = True
+                stop = state.stop_requested
+                if world.active:  # every process stops at the same step, or the collectives part
+                    stop = distributed.all_reduce_sum([float(stop)], rt.device)[0] > 0
+                if stop and not cfg.train.eval_only:
                     checkpoint()
                     status = "stopped"
                     break
