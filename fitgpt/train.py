@@ -262,14 +262,14 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         state.backoffs.append({"step": state.step, "phase": phase, what: [old, new]})
         log.info(f"out of memory in {phase} at step {state.step}: {what} {old} -> {new}, retrying")
 
-    def stranded(phase: str, setting: str) -> None:
-        """Out of memory in one process after it began a collective with the others: no process
-        can retry alone (the others wait inside the collective), so this one stops the job."""
+    def stranded(phase: str, why: str, setting: str) -> None:
+        """Out of memory in one process where retrying alone would break the collectives with
+        the others (they would wait in one forever), so this process stops the job."""
         raise OutOfMemory(
-            f"out of memory in {phase} at step {state.step} in process {world.rank} of {world.size}, "
-            f"after it began exchanging data with the others, so the step cannot be retried in place "
-            f"and the job stops; resume from the last checkpoint with less memory per process: "
-            f"fitgpt train --resume {run_dir} {setting} (or see `fitgpt plan`)")
+            f"out of memory in {phase} at step {state.step} in process {world.rank} of {world.size}; "
+            f"{why}, so one process cannot retry it alone and the job stops; resume from the last "
+            f"checkpoint with less memory per process: fitgpt train --resume {run_dir} {setting} "
+            f"(or see `fitgpt plan`)")
 
     def give_up(phase: str, size: str) -> None:
         hint = best_suggestion(cfg)
@@ -298,7 +298,8 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
                                               target_bytes=int(nbytes) or None)
                 return res
             if fsdp:  # every forward gathers parameters with the other processes
-                stranded("evaluation", f"--eval.batch_size={max(1, state.eval_batch // 2)}")
+                stranded("evaluation", "under FSDP2 every forward gathers parameters with the others",
+                         f"--eval.batch_size={max(1, state.eval_batch // 2)}")
             if state.eval_batch == 1:
                 give_up("evaluation", "eval batch size 1")
             backoff("evaluation", "eval_batch_size", state.eval_batch, state.eval_batch // 2)
@@ -318,8 +319,12 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
             if ok:
                 state.peaks.record("train", *out[1:])
                 return out[0]
-            if exchange.get("began"):
-                stranded("training", f"--memory.micro_split={state.split * 2}")
+            # FSDP2 gathers parameters once per slice: a process that alone used more slices
+            # would make more collectives than the others, so it cannot back off alone either
+            if exchange.get("began") or fsdp:
+                why = ("under FSDP2 every slice gathers parameters with the others" if fsdp else
+                       "it had begun the gradient all-reduce with the others")
+                stranded("training", why, f"--memory.micro_split={state.split * 2}")
             if -(-cfg.train.batch_size // state.split) <= 1:
                 give_up("training", "micro-batch 1")
             backoff("training", "micro_split", state.split, state.split * 2)

@@ -123,8 +123,8 @@ def test_out_of_memory_in_one_process(shards, tmp_path):
     """Out of memory in one process before it exchanged anything this step (here at the start of
     a micro-step) is retried in place with the micro-batch in slices: the others simply wait in
     the all-reduce, and the losses equal a run without the fault. Out of memory in the backward
-    that all-reduces the gradients cannot be retried by one process: the job stops at once, with
-    one line that says how to resume, instead of hanging in the collective."""
+    that all-reduces the gradients, or anywhere under FSDP2, cannot be retried by one process:
+    the job stops at once, with one line that says how to resume, instead of hanging."""
     common = dict(train__max_steps=4, train__lr_decay_steps=4, eval__interval=4, train__grad_accum=2)
     clean = tmp_path / "clean.toml"
     clean.write_text(to_toml(tiny_config(shards, tmp_path / "clean", **common)))
@@ -145,6 +145,17 @@ def test_out_of_memory_in_one_process(shards, tmp_path):
     line = next(x for x in (proc.stdout + proc.stderr).splitlines() if "out of memory" in x)
     assert line.startswith("fitgpt: error: out of memory in training at step 2 in process 1 of 2")
     assert f"fitgpt train --resume {tmp_path / 'stuck' / 'run'} --memory.micro_split=2" in line
+
+    # FSDP2 gathers parameters once per slice: even before any exchange, one process cannot use
+    # more slices than the others (it hung here before this check)
+    cfg = tiny_config(shards, tmp_path / "fsdp", **common)
+    cfg.parallel.mode = "fsdp"
+    path = tmp_path / "fsdp.toml"
+    path.write_text(to_toml(cfg))
+    proc = torchrun(["train", str(path)], env={"FITGPT_FAULT": "oom:train:2:4:1"}, timeout=120)
+    assert proc.returncode != 0
+    line = next(x for x in (proc.stdout + proc.stderr).splitlines() if "out of memory" in x)
+    assert "in process 1 of 2; under FSDP2 every slice gathers parameters" in line
 
 
 def test_stop_requested_in_one_process_stops_all_at_the_same_step(shards, tmp_path):
