@@ -14,6 +14,7 @@ import dataclasses
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,11 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     def backoff(phase: str, what: str, old: int, new: int) -> None:
         release(model, optimizer, rt)  # called outside the except block: the frames are gone
         state.backoffs.append({"step": state.step, "phase": phase, what: [old, new]})
-        log.info(f"out of memory in {phase} at step {state.step}: {what} {old} -> {new}, retrying")
+        msg = f"out of memory in {phase} at step {state.step}: {what} {old} -> {new}, retrying"
+        if world.main:
+            log.info(msg)
+        else:  # only rank 0 logs; a back-off elsewhere is still worth a line
+            print(f"[process {world.rank}] {msg}", file=sys.stderr, flush=True)
 
     def stranded(phase: str, why: str, setting: str) -> None:
         """Out of memory in one process where retrying alone would break the collectives with

@@ -133,6 +133,7 @@ def test_out_of_memory_in_one_process(shards, tmp_path):
     path.write_text(to_toml(tiny_config(shards, tmp_path / "oom", **common)))
     proc = torchrun(["train", str(path)], env={"FITGPT_FAULT": "oom:train:2:4:1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[process 1] out of memory in training at step 2: micro_split 1 -> 2, retrying" in proc.stderr
     np.testing.assert_allclose(records(tmp_path / "oom" / "run", "train", "loss"),
                                records(tmp_path / "clean" / "run", "train", "loss"), rtol=1e-5)
     assert records(tmp_path / "oom" / "run", "eval", "val_loss")[-1] == pytest.approx(
