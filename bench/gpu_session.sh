@@ -12,7 +12,8 @@
 #                under a 12 GiB cap (~3 min)                 -> gpu_memory_check.json
 #   2. seed      bench/gpu_speed.py --parts seed: chunked loss against the largest full-logits
 #                batch under the same cap (~2 min)          -> gpu_speed_seed.json
-#   3. parallel  bench/gpu_parallel_check.sh: one process, DDP and FSDP2 on one rank (~2 min)
+#   3. parallel  bench/gpu_parallel_check.sh: one process, then DDP and FSDP2 on all GPUs when
+#                there are 2 or more (~1 min on one GPU, ~3 min on several)
 #   4. speed     bench/gpu_speed.py --parts 124m,chunks,sync: GPT-2 124M MFU compiled, the chunk
 #                sweep, the cost of the per-step isfinite sync (~6 min; the JSON is rewritten
 #                after each part, so a timeout keeps the parts done) -> gpu_speed_124m.json
