@@ -163,3 +163,20 @@ def test_automatic_loss_chunk_is_per_device_and_the_planner_follows_it():
         assert (estimate(cfg, "cpu", "float32").train.allocated == auto_cpu.train.allocated) is cpu_same
         assert (estimate(cfg, "cuda", "float32").train.allocated == auto_cuda.train.allocated) is cuda_same
     assert estimate(cfg, "cpu", "float32").train.allocated > auto_cpu.train.allocated
+
+
+def test_eval_batch_is_capped_by_the_windows_a_process_scores():
+    """Evaluation never holds more sequences than there are windows to score: a single process
+    with 3 windows and eval batch 8 holds 3; under DDP on 2 processes each scores every 2nd of 6
+    windows (3); FSDP2 scores all of them in every process."""
+    cfg = make_cfg(2, 64, 4, 8192, 64, 8, 2, "chunked", False, False, 8, None)
+    three = make_cfg(2, 64, 4, 8192, 64, 8, 2, "chunked", False, False, 3, None)
+    cfg.eval.tokens = three.eval.tokens = 3 * 64
+    assert estimate(cfg, "cpu", "float32").eval.allocated == estimate(three, "cpu", "float32").eval.allocated
+    cfg.eval.tokens = 6 * 64
+    cfg.parallel.nproc, cfg.parallel.mode = 2, "ddp"
+    three.eval.tokens = 6 * 64
+    three.parallel.nproc, three.parallel.mode = 2, "ddp"
+    assert estimate(cfg, "cpu", "float32").eval.allocated == estimate(three, "cpu", "float32").eval.allocated
+    cfg.parallel.mode = three.parallel.mode = "fsdp"
+    assert estimate(cfg, "cpu", "float32").eval.allocated > estimate(three, "cpu", "float32").eval.allocated

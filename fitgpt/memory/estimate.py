@@ -372,10 +372,18 @@ def train_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     return tl
 
 
+def eval_rows(cfg: Config) -> int:
+    """Sequences per evaluation batch: the eval batch, or fewer when this process's validation
+    windows are fewer (under DDP each process scores every world-th window; FSDP2 all of them)."""
+    world, mode = max(1, cfg.parallel.nproc), cfg.parallel.mode
+    windows = -(-cfg.eval_windows // world) if world > 1 and mode == "ddp" else cfg.eval_windows
+    return max(1, min(cfg.eval_batch_size, windows))
+
+
 def eval_timeline(cfg: Config, a: int, device_type: str) -> Timeline:
     s = _shape(cfg)
     chunk = cfg.memory.chunk_rows(device_type)
-    b, T = cfg.eval_batch_size, cfg.eval_block_size
+    b, T = eval_rows(cfg), cfg.eval_block_size
     N = b * T
     sizes = s.param_sizes()
     world, mode, scale = _parallel(cfg, a)
@@ -420,7 +428,7 @@ def estimate(cfg: Config, device_type: str = "cuda", dtype: str | None = None) -
     s = _shape(cfg)
     P = sum(s.param_sizes())
     b, T, C, L = cfg.train.batch_size, cfg.model.block_size, s.C, s.L
-    eb, eT = cfg.eval_batch_size, cfg.eval_block_size
+    eb, eT = eval_rows(cfg), cfg.eval_block_size
     per_block = "checkpointed: block inputs only" if cfg.memory.checkpointing else "saved for backward"
     chunk = cfg.memory.chunk_rows(device_type)
     notes = {
