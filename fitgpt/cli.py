@@ -186,6 +186,11 @@ def cmd_plan(args: list[str]) -> int:
         gpu = smi_gpu()
     if "--fit" in flags and gpu is None and not cfg.memory.budget:
         raise FitError("--fit needs a card: --gpu NAME_OR_SIZE or --memory.budget=SIZE")
+    if "--verify" in flags and cfg.parallel.nproc > 1:
+        raise FitError(f"--verify measures in this one process, but the plan is per process of "
+                       f"parallel.nproc={cfg.parallel.nproc}; verify with --parallel.nproc=1, or train under "
+                       f"torchrun and compare summary.json's measured and predicted peaks "
+                       f"(bench/ddp_memory_cpu.py does that on a CPU)")
     plan = make_plan(cfg, gpu, fit="--fit" in flags)
     result = None
     if "--verify" in flags:

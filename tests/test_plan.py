@@ -286,3 +286,10 @@ def test_gpu_session_script_dry_run(tmp_path):
         assert f"## {name}: rc 0 in" in log, log[-2000:]
     assert "12 configurations; predictions for CUDA float16" in log
     assert "seed, full logits, batches predicted to fit 12 GiB: 8 (" in log
+
+
+def test_verify_refuses_a_multi_process_plan(capsys):
+    """--verify measures one process, so it cannot check a per-process plan for N processes."""
+    assert main(["plan", "--parallel.nproc=2", "--verify", "--train.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--verify measures in this one process" in err and "--parallel.nproc=1" in err
