@@ -49,6 +49,11 @@ def init(device: str, backend: str = "auto") -> tuple[World, str]:
         return world, device
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
+        n = torch.cuda.device_count()
+        if world.local_rank >= n:
+            raise ConfigError(f"process {world.rank} needs GPU cuda:{world.local_rank}, but {n} GPU(s) are "
+                              f"visible; start at most {n} processes per machine "
+                              f"(--parallel.nproc={n}, or torchrun --nproc_per_node={n})")
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(world.local_rank)
     elif device == "auto":

@@ -194,3 +194,17 @@ def test_fsdp2_on_cpu(shards, tmp_path):
     c, ckpt, run_dir = resume_config(str(tmp_path / "fsdp" / "run"), None,
                                      ["--train.max_steps=5", "--parallel.mode=ddp"], [])
     assert run(c, ckpt=ckpt, run_dir=run_dir)["status"] == "completed"
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    """A run saved on 8 GPUs and resumed where fewer are visible (or torchrun asked for too many
+    processes) names the limit instead of failing inside CUDA."""
+    from fitgpt import distributed
+    from fitgpt.errors import ConfigError
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"needs GPU cuda:3, but 2 GPU\(s\) are visible.*--parallel.nproc=2"):
+        distributed.init("cuda")
