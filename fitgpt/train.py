@@ -59,7 +59,10 @@ def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: fl
     out-of-memory back-off: the same tokens, a smaller peak). Returns (mean loss, grad norm,
     skipped) with the loss and norm as device tensors; nothing else survives the call.
     A non-finite loss skips the optimizer step (the GradScaler's own skip with float16).
-    `exchange["began"]` is set once a stage that talks to the other processes starts."""
+    With several processes, `exchange` carries what the step shares besides the gradients:
+    in, "want_stop" (this process's wish to stop, folded into the loss's all-reduce, so sharing
+    it costs no extra sync); out, "stop" (any process's wish) and "began" (a stage that talks to
+    the other processes started)."""
     data = data if data is not None else [batches.next_batch() for _ in range(grad_accum)]
     grad_accum = len(data)  # this process's share of the step's micro-batches
     loss_sum = torch.zeros((), device=rt.device)
@@ -85,8 +88,15 @@ def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: fl
             scaler.scale(loss * weight).backward()
         loss_sum += loss.detach() * (xs.size(0) / n)
         del x, y, loss
-    loss = distributed.mean_across(loss_sum / grad_accum)  # NaN on any process: NaN on all
+    mean = loss_sum / grad_accum
+    share_stop = exchange is not None and "want_stop" in exchange
+    if share_stop:
+        mean = torch.stack([mean, mean.new_tensor(float(exchange["want_stop"]))])
+    mean = distributed.mean_across(mean)  # NaN on any process: NaN on all
+    loss = mean[0] if share_stop else mean
     skipped = not bool(torch.isfinite(loss).item())  # one sync per optimizer step
+    if share_stop:
+        exchange["stop"] = bool(mean[1].item() > 0)  # the same tensor: ready, no extra wait
     norm = None
     to_none = not distributed.grads_live_in_buckets(model)
     if skipped and not scaler.is_enabled():
@@ -112,6 +122,7 @@ class State:
     train_tokens_timed: int = 0
     peaks: PhasePeaks = field(default_factory=PhasePeaks)
     stop_requested: bool = False
+    stop_shared: bool = False  # some process asked to stop (known after each step's all-reduce)
     split: int = 1  # slices per micro-batch (out-of-memory back-off)
     eval_batch: int = 1
     nonfinite: int = 0  # consecutive non-finite losses
@@ -314,15 +325,18 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         data = [batches.next_batch() for _ in range(cfg.train.grad_accum)]  # kept for retries
         data = data[world.rank::world.size]  # this process's share of the global stream
         check_tokens(data, cfg.model.vocab_size, f"training data in {data_dir}")
-        exchange: dict = {}  # set by train_step once a collective with the others began
+        exchange: dict = {}  # what train_step shares with the other processes (see there)
         while True:
             exchange.clear()
+            if world.active:
+                exchange["want_stop"] = state.stop_requested
             ok, out = attempt(lambda: meter.measure(
                 lambda: train_step(fwd, optimizer, scaler, batches, cfg.train.grad_accum,
                                    cfg.train.grad_clip, rt, state.split, data, state.step, exchange),
                 model, optimizer, trained_steps < 2), cfg.memory.recover)  # step 2 has AdamW state
             if ok:
                 state.peaks.record("train", *out[1:])
+                state.stop_shared = exchange.get("stop", False)
                 return out[0]
             # FSDP2 gathers parameters once per slice: a process that alone used more slices
             # would make more collectives than the others, so it cannot back off alone either
@@ -343,9 +357,9 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
             while True:
                 if faults.stop_at(state.step):
                     state.stop_requested = True
-                stop = state.stop_requested
-                if world.active:  # every process stops at the same step, or the collectives part
-                    stop = distributed.all_reduce_sum([float(stop)], rt.device)[0] > 0
+                # with several processes, the wish to stop travels with each step's loss, so that
+                # all stop before the same step (one stopping alone would hang the others)
+                stop = state.stop_shared if world.active else state.stop_requested
                 if stop and not cfg.train.eval_only:
                     checkpoint()
                     status = "stopped"

@@ -161,15 +161,16 @@ def test_out_of_memory_in_one_process(shards, tmp_path):
 
 def test_stop_requested_in_one_process_stops_all_at_the_same_step(shards, tmp_path):
     """Ctrl-C may reach the processes at different moments. A stop requested in one process only
-    (injected in rank 1) stops every process before the same step, with one checkpoint, instead
-    of one process saving while the other waits in the next step's all-reduce (a hang)."""
+    (injected in rank 1 before step 2) travels with that step's loss all-reduce, and every process
+    stops before step 3 with one checkpoint, instead of one process saving while the other waits
+    in the next step's all-reduce (a hang)."""
     cfg = tiny_config(shards, tmp_path / "s", train__max_steps=6, eval__interval=10)
     path = tmp_path / "s.toml"
     path.write_text(to_toml(cfg))
     proc = torchrun(["train", str(path)], env={"FITGPT_FAULT": "stop:1:2"}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"stopped at step 2; resume with: fitgpt train --resume {tmp_path / 's' / 'run'}" in proc.stdout
-    assert load_checkpoint(tmp_path / "s" / "run")["step"] == 2
+    assert f"stopped at step 3; resume with: fitgpt train --resume {tmp_path / 's' / 'run'}" in proc.stdout
+    assert load_checkpoint(tmp_path / "s" / "run")["step"] == 3
 
 
 def test_fsdp2_on_cpu(shards, tmp_path):
