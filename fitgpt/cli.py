@@ -218,51 +218,23 @@ def cmd_plan(args: list[str]) -> int:
     return 0
 
 
-def cmd_prepare(args: list[str]) -> int:
-    from fitgpt.prepare import cmd_prepare as prepare
-
-    return prepare(args)
-
-
-def cmd_data(args: list[str]) -> int:
-    from fitgpt.inspect_data import cmd_data as data
-
-    return data(args)
+# Commands whose code lives in its own module, imported only when the command runs (so that
+# `fitgpt plan` never imports torch): command -> (module, function).
+LAZY = {"prepare": ("fitgpt.prepare", "cmd_prepare"), "data": ("fitgpt.inspect_data", "cmd_data"),
+        "sample": ("fitgpt.sample", "cmd_sample"), "export": ("fitgpt.export", "cmd_export"),
+        "plot": ("fitgpt.runs", "cmd_plot"), "runs": ("fitgpt.runs", "cmd_runs"),
+        "bench": ("fitgpt.bench", "cli")}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan}
 
 
-def cmd_sample(args: list[str]) -> int:
-    from fitgpt.sample import cmd_sample as sample
+def find_command(name: str):
+    """The function that runs command `name`, or None."""
+    if name in LAZY:
+        import importlib
 
-    return sample(args)
-
-
-def cmd_export(args: list[str]) -> int:
-    from fitgpt.export import cmd_export as export
-
-    return export(args)
-
-
-def cmd_plot(args: list[str]) -> int:
-    from fitgpt.runs import cmd_plot as plot
-
-    return plot(args)
-
-
-def cmd_runs(args: list[str]) -> int:
-    from fitgpt.runs import cmd_runs as runs
-
-    return runs(args)
-
-
-def cmd_bench(args: list[str]) -> int:
-    from fitgpt.bench import cli as bench
-
-    return bench(args)
-
-
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "prepare": cmd_prepare, "data": cmd_data,
-            "sample": cmd_sample, "export": cmd_export, "plot": cmd_plot, "runs": cmd_runs,
-            "bench": cmd_bench}
+        module, func = LAZY[name]
+        return getattr(importlib.import_module(module), func)
+    return COMMANDS.get(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"fitgpt {__version__}")
         return 0
-    cmd = COMMANDS.get(argv[0])
+    cmd = find_command(argv[0])
     if cmd is None:
         print(f"fitgpt: error: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2

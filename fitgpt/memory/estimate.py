@@ -135,6 +135,28 @@ def _weight_grad(tl: Timeline, n: int, a: int, grads: list, exist: bool) -> None
         grads.append(g)
 
 
+def _param_grads(tl: Timeline, n_weight: int, n_bias: int, a: int, bias: bool, grads: list,
+                 exist: bool) -> None:
+    """A layer's weight gradient (computed at `a` bytes per element) and, with bias, its bias's."""
+    _weight_grad(tl, n_weight, a, grads, exist)
+    if bias:
+        _weight_grad(tl, n_bias, 1, grads, exist)
+
+
+def _ln_backward(tl: Timeline, N: int, C: int, a: int, g_in, stats, x, grads: list, exist: bool,
+                 bias: bool):
+    """A LayerNorm's backward, in fp32 (a 16-bit incoming gradient is cast first); frees the
+    incoming gradient, the saved statistics and the input. Returns the input's gradient."""
+    if a == 2:
+        g32 = tl.alloc("activations", 4 * N * C)
+        tl.free(g_in)
+        g_in = g32
+    g_ln = tl.alloc("activations", 4 * N * C)
+    _param_grads(tl, C, C, 1, bias, grads, exist)
+    tl.free(g_in, *stats, x)
+    return g_ln
+
+
 def _block_backward(tl: Timeline, s: Shape, N: int, a: int, sv: dict, g_res, grads: list,
                     exist: bool):
     """Backward through one block, node by node: each node allocates its outputs, then frees
@@ -145,53 +167,29 @@ def _block_backward(tl: Timeline, s: Shape, N: int, a: int, sv: dict, g_res, gra
     # MLP projection: grad of the GELU output and of the weight
     g16 = tl.alloc(act, N * C * a) if a == 2 else None
     g_gelu = tl.alloc(act, 4 * N * C * a)
-    _weight_grad(tl, 4 * C * C, a, grads, exist)
-    if bias:
-        _weight_grad(tl, C, 1, grads, exist)
+    _param_grads(tl, 4 * C * C, C, a, bias, grads, exist)
     tl.free(*(h for h in (g16, sv["gelu"], w_proj2) if h))
     g_fc = tl.alloc(act, 4 * N * C * a)  # GELU backward
     tl.free(g_gelu, sv["fc"])
     g_in = tl.alloc(act, N * C * a)  # fc backward
-    _weight_grad(tl, 4 * C * C, a, grads, exist)
-    if bias:
-        _weight_grad(tl, 4 * C, 1, grads, exist)
+    _param_grads(tl, 4 * C * C, 4 * C, a, bias, grads, exist)
     tl.free(*(h for h in (g_fc, sv["xin2"], w_fc) if h))
-    if a == 2:
-        g32 = tl.alloc(act, 4 * N * C)
-        tl.free(g_in)
-        g_in = g32
-    g_ln = tl.alloc(act, 4 * N * C)  # ln_2 backward
-    _weight_grad(tl, C, 1, grads, exist)
-    if bias:
-        _weight_grad(tl, C, 1, grads, exist)
-    tl.free(g_in, *sv["ln2_stats"], sv["x_mid"])
+    g_ln = _ln_backward(tl, N, C, a, g_in, sv["ln2_stats"], sv["x_mid"], grads, exist, bias)
     g_mid = tl.alloc(act, 4 * N * C)  # residual add
     tl.free(g_res, g_ln)
     # attention projection, fused attention backward, qkv
     g16 = tl.alloc(act, N * C * a) if a == 2 else None
     g_out = tl.alloc(act, N * C * a)
-    _weight_grad(tl, C * C, a, grads, exist)
-    if bias:
-        _weight_grad(tl, C, 1, grads, exist)
+    _param_grads(tl, C * C, C, a, bias, grads, exist)
     tl.free(*(h for h in (g16, w_proj) if h))
     dqkv = [tl.alloc(act, N * C * a) for _ in range(3)]
     tl.free(g_out, sv["qkv"], sv["out"], sv["lse"])
     g_qkv = tl.alloc(act, 3 * N * C * a)  # concatenated
     tl.free(*dqkv)
     g_in = tl.alloc(act, N * C * a)
-    _weight_grad(tl, 3 * C * C, a, grads, exist)
-    if bias:
-        _weight_grad(tl, 3 * C, 1, grads, exist)
+    _param_grads(tl, 3 * C * C, 3 * C, a, bias, grads, exist)
     tl.free(*(h for h in (g_qkv, sv["xin"], w_attn) if h))
-    if a == 2:
-        g32 = tl.alloc(act, 4 * N * C)
-        tl.free(g_in)
-        g_in = g32
-    g_ln = tl.alloc(act, 4 * N * C)  # ln_1 backward
-    _weight_grad(tl, C, 1, grads, exist)
-    if bias:
-        _weight_grad(tl, C, 1, grads, exist)
-    tl.free(g_in, *sv["ln1_stats"], sv["x_in"])
+    g_ln = _ln_backward(tl, N, C, a, g_in, sv["ln1_stats"], sv["x_in"], grads, exist, bias)
     g_x = tl.alloc(act, 4 * N * C)
     tl.free(g_mid, g_ln)
     return g_x
