@@ -98,7 +98,9 @@ def cmd_train(args: list[str]) -> int:
         from fitgpt.distributed import launch
 
         return launch(cfg.parallel.nproc, ["train", *args])
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from fitgpt.distributed import world_from_env
+
+    world = world_from_env().size
     if world > 1 and cfg.parallel.nproc != world:  # launched by torchrun itself
         notes.append(f"parallel.nproc={world} from torchrun's WORLD_SIZE (memory is planned per process)")
         cfg.parallel.nproc = world

@@ -100,28 +100,19 @@ def wrap(model: torch.nn.Module, mode: str, world: World, rt) -> torch.nn.Module
     raise ConfigError(f"parallel.mode: expected single, ddp or fsdp, got {mode!r}")
 
 
+def is_ddp(model: torch.nn.Module) -> bool:
+    """Whether model is DDP-wrapped (under torch.compile's wrapper or not)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return isinstance(getattr(model, "_orig_mod", model), DDP)
+
+
 def grads_live_in_buckets(model: torch.nn.Module) -> bool:
-    """True under DDP with gradient_as_bucket_view: each gradient is a view of DDP's all-reduce
-    buckets, which live as long as the DDP module whatever zero_grad does. Keeping the views
-    (zero_grad(set_to_none=False)) costs no memory, lets backward accumulate in place, and lets
-    the CPU storage tracker see the buckets through the parameters' .grad."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    m = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    return isinstance(m, DDP) and bool(m.gradient_as_bucket_view)
-
-
-def exchanges_data(model: torch.nn.Module, stage: str, last: bool) -> bool:
-    """Whether this stage ('forward' or 'backward') of a micro-step talks to the other processes:
-    FSDP2 gathers parameters in both, DDP all-reduces gradients in the last micro-step's backward.
-    Out of memory after such an exchange began cannot be retried by one process alone: the others
-    are inside the same collective."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    m = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
-        return True
-    return isinstance(m, DDP) and last and stage == "backward"
+    """True under DDP with gradient_as_bucket_view (as `wrap` makes it): each gradient is a view
+    of DDP's all-reduce buckets, which live as long as the DDP module whatever zero_grad does.
+    Keeping the views (zero_grad(set_to_none=False)) costs no memory, lets backward accumulate in
+    place, and lets the CPU storage tracker see the buckets through the parameters' .grad."""
+    return is_ddp(model) and bool(getattr(model, "_orig_mod", model).gradient_as_bucket_view)
 
 
 def no_sync(model: torch.nn.Module, last: bool):

@@ -34,7 +34,7 @@ def _faults() -> list[tuple[str, ...]]:
 def maybe_oom(phase: str, step: int, batch: int) -> None:
     for f in _faults():
         if f[0] == "oom" and f[1] == phase and int(f[2]) == step and batch >= int(f[3]) and (
-                len(f) < 5 or int(f[4]) == int(os.environ.get("RANK", 0))):
+                len(f) < 5 or int(f[4]) == _rank()):
             import torch
 
             raise torch.OutOfMemoryError(
@@ -50,12 +50,14 @@ def maybe_kill(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
 def maybe_raise(step: int) -> None:
-    rank = int(os.environ.get("RANK", 0))
-    if any(f[0] == "raise" and int(f[1]) == rank and int(f[2]) == step for f in _faults()):
-        raise RuntimeError(f"injected failure in rank {rank} at step {step}")
+    if any(f[0] == "raise" and int(f[1]) == _rank() and int(f[2]) == step for f in _faults()):
+        raise RuntimeError(f"injected failure in rank {_rank()} at step {step}")
 
 
 def stop_at(step: int) -> bool:
-    rank = int(os.environ.get("RANK", 0))
-    return any(f[0] == "stop" and int(f[1]) == rank and int(f[2]) == step for f in _faults())
+    return any(f[0] == "stop" and int(f[1]) == _rank() and int(f[2]) == step for f in _faults())

@@ -61,8 +61,8 @@ def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: fl
     A non-finite loss skips the optimizer step (the GradScaler's own skip with float16).
     With several processes, `exchange` carries what the step shares besides the gradients:
     in, "want_stop" (this process's wish to stop, folded into the loss's all-reduce, so sharing
-    it costs no extra sync); out, "stop" (any process's wish) and "began" (a stage that talks to
-    the other processes started)."""
+    it costs no extra sync); out, "stop" (any process's wish) and "began" (DDP's gradient
+    all-reduce started: out of memory after it cannot be retried by one process alone)."""
     data = data if data is not None else [batches.next_batch() for _ in range(grad_accum)]
     grad_accum = len(data)  # this process's share of the step's micro-batches
     loss_sum = torch.zeros((), device=rt.device)
@@ -75,14 +75,12 @@ def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: fl
         x, y = rt.to_device(xs, ys)
         last = k == len(pieces) - 1
         with distributed.no_sync(model, last=last):
-            if exchange is not None and distributed.exchanges_data(model, "forward", last):
-                exchange["began"] = True
             with rt.autocast():
                 loss = model(x, y)
             if faults.nan_at(step):
                 loss = loss * float("nan")
             weight = xs.size(0) / n / grad_accum  # slices of a micro-batch weigh by their size
-            if exchange is not None and distributed.exchanges_data(model, "backward", last):
+            if exchange is not None and last and distributed.is_ddp(model):
                 exchange["began"] = True
             faults.maybe_oom("backward", step, xs.size(0))
             scaler.scale(loss * weight).backward()
