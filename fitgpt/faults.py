@@ -9,6 +9,8 @@ Set FITGPT_FAULT to a comma-separated list of:
                         backward) or eval
   nan:STEP              make the training loss NaN at STEP
   kill:STEP             SIGKILL this process right after the checkpoint at STEP is saved
+  killshard:INDEX       SIGKILL `fitgpt prepare` right after shard INDEX is written, before the
+                        manifest lists it
   raise:RANK:STEP       raise an error in process RANK at STEP (a failing rank under torchrun)
   stop:RANK:STEP        request a graceful stop (as Ctrl-C does) in process RANK before STEP
 Steps count optimizer steps from 0, as the log does. Unset, every check is a dictionary lookup.
@@ -45,8 +47,8 @@ def nan_at(step: int) -> bool:
     return any(f[0] == "nan" and int(f[1]) == step for f in _faults())
 
 
-def maybe_kill(step: int) -> None:
-    if any(f[0] == "kill" and int(f[1]) == step for f in _faults()):
+def maybe_kill(step: int, kind: str = "kill") -> None:
+    if any(f[0] == kind and int(f[1]) == step for f in _faults()):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fitgpt import faults
 from fitgpt.data import HEADER_BYTES, MAGIC, VERSION, write_json_atomic, write_shard
 from fitgpt.encode import Chunk, Encoded, encode_chunk, init_worker, tokenizer_info
 from fitgpt.errors import ConfigError, DataError
@@ -300,6 +301,7 @@ def prepare_shards(
             sha256 = write_shard(path, tokens)
         except OSError as exc:
             raise _write_error(exc, path) from exc
+        faults.maybe_kill(index, "killshard")
         entry = {"file": path.name, "split": "val" if index == 0 else "train", "tokens": int(tokens.size),
                  "documents": int(np.count_nonzero(tokens == EOT)), "sha256": sha256,
                  "end_record": end[0], "end_offset": end[1]}

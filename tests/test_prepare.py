@@ -197,6 +197,28 @@ def test_interrupted_run_resumes_to_identical_bytes(
     assert calls == []
 
 
+def test_killed_process_resumes_to_identical_bytes(fineweb_dir: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A real SIGKILL of `fitgpt prepare` (2 workers), right after a shard file is written and
+    before the manifest lists it: the same command again verifies the listed shards, rewrites
+    the unlisted one, and ends with the bytes of an uninterrupted run."""
+    d, _ = fineweb_dir
+    def run(out: Path, fault: str = "") -> subprocess.CompletedProcess:
+        args = ["fineweb", "--parquet", str(d), "--out", str(out), "--val-tokens", "150", "--shard-tokens", "250",
+                "--workers", "2"]
+        env = {**os.environ, "FITGPT_FAULT": fault}
+        return subprocess.run([sys.executable, "-m", "fitgpt", "prepare", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+    assert run(tmp_path / "full").returncode == 0
+    out = tmp_path / "killed"
+    assert run(out, "killshard:3").returncode == -9
+    assert len(json.loads((out / "manifest.json").read_text())["shards"]) == 3
+    assert (out / "fineweb_train_000003.bin").exists()  # written, not yet in the manifest
+    proc = run(out)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 shards verified" in proc.stdout + proc.stderr
+    assert folder_bytes(out) == folder_bytes(tmp_path / "full")
+
+
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     """Guards against silently mixing two preparations (other sizes or inputs) in one folder."""
     src = tmp_path / "a.txt"
