@@ -2,9 +2,10 @@
 
 Layout in a run folder: `checkpoints/step_00000100.pt` (the newest `keep` of them) and
 `checkpoints/latest`, a one-line text file naming the newest, rewritten only after that
-checkpoint is complete on disk. Each file is written to a temporary name, flushed, fsynced, and
-renamed. Loading maps everything to the CPU with `weights_only=True`: a pickle that would run
-code is refused.
+checkpoint is complete on disk. Each file is written to a fresh temporary name (created with
+O_EXCL, never through a link), flushed, fsynced, and renamed (fitgpt.fileio). Loading maps
+everything to the CPU with `weights_only=True`: a pickle that would run code is refused; then
+every entry is checked (fitgpt.ckptcheck) before anything is built from it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fitgpt.ckptcheck import check_entries
 from fitgpt.errors import CheckpointError
 from fitgpt.fileio import atomic_write
 
@@ -32,7 +34,12 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
     try:
         atomic_write(path, lambda f: torch.save(state, f))
         atomic_write(ckdir / "latest", lambda f: f.write(f"{path.name}\n".encode()))
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer turns a failed write (full disk, file too large) into a
+        # RuntimeError whose context is the OSError
+        e = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(e, OSError):
+            raise
         latest = ckdir / "latest"
         prev = latest.read_text().strip() if latest.is_file() else None
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
@@ -46,28 +53,19 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
 
 
 def find_checkpoint(where: str | Path) -> Path:
-    """A checkpoint file, or a run folder (its `latest`), -> the checkpoint file."""
-    p = Path(where)
-    if p.is_file():
-        return p
-    ckdir = p / CKPT_DIR if (p / CKPT_DIR).is_dir() else p
-    latest = ckdir / "latest"
-    if latest.is_file():
-        cand = ckdir / latest.read_text().strip()
-        if cand.is_file():
-            return cand
-    files = sorted(ckdir.glob("step_*.pt")) if ckdir.is_dir() else []
-    if files:
-        return files[-1]
-    if (p / "ckpt.pt").is_file():  # a nanoGPT out_dir
-        return p / "ckpt.pt"
-    raise CheckpointError(f"no checkpoint at {p}: expected a .pt file or a run folder with "
-                          f"{CKPT_DIR}/latest")
+    """A checkpoint file, a run folder (its `latest`), a nanoGPT out_dir (`ckpt.pt`) or a folder
+    of runs -> the checkpoint file (fitgpt.locate says which, when there was a choice)."""
+    from fitgpt.locate import locate
+
+    return locate(where).path
 
 
 def load_checkpoint(where: str | Path) -> dict[str, Any]:
     """Load to the CPU without running code; refuse anything that is not plain tensors and data."""
-    path = find_checkpoint(where)
+    from fitgpt.locate import locate
+
+    found = locate(where)
+    path = found.path
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure here is a bad file, said in one line
@@ -80,5 +78,8 @@ def load_checkpoint(where: str | Path) -> dict[str, Any]:
                               f"checkpoint") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a fitgpt or nanoGPT checkpoint (no 'model' entry)")
+    check_entries(state, str(path))
     state["_path"] = str(path)
+    if found.note:
+        state["_note"] = found.note  # which of several candidates: fitgpt.resume.config_of says it
     return state

@@ -22,6 +22,10 @@ What carries over:
   parameter at its position; otherwise (older nanoGPT grouped by module type) the optimizer
   starts fresh, with a note.
 - iter_num as the step, and tokens as iter_num x tokens per step.
+
+Entries of the wrong type (`iter_num="x"`, a model_args value that is not a number) are refused
+when the file is loaded (fitgpt.ckptcheck.check_entries); weights that do not have the shapes
+model_args describes are refused here, before any model is built.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fitgpt.ckptcheck import check_model_fits
 from fitgpt.config import Config
 from fitgpt.configio import NANOGPT_ACCEPTED, NANOGPT_KEYS, check, normalise, set_value, to_dict
 from fitgpt.errors import CheckpointError, ConfigError
@@ -82,8 +87,12 @@ def convert(ckpt: dict[str, Any], notes: list[str]) -> Config:
         m.vocab_size, m.vocab_multiple = vocab, 1
     if cfg.eval.block_size and cfg.eval.block_size > m.block_size:
         cfg.eval.block_size = None
-    normalise(cfg)
-    check(cfg)
+    try:
+        normalise(cfg)
+        check(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its model_args describe no usable model: {e}") from None
+    check_model_fits(ckpt["model"], cfg, path)  # before anything is built from the shape
     if ignored:
         notes.append(f"{path}: nanoGPT settings not carried over: {', '.join(sorted(ignored))}")
 
