@@ -4,7 +4,8 @@ Two layouts are read:
 
 * llm.c / modded-nanogpt shards: a header of 256 little-endian int32 (``header[0] = 20240520``,
   ``header[1] = 1``, ``header[2] = ntokens``) followed by ``ntokens`` little-endian uint16.
-  Files are named ``NAME_val_000000.bin`` and ``NAME_train_000001.bin``, ...
+  Files are named ``NAME_val_000000.bin`` and ``NAME_train_000001.bin``, ... (FineWeb), or
+  ``NAME_val.bin`` and ``NAME_train.bin`` (llm.c's tinyshakespeare and tinystories scripts).
 * nanoGPT's headerless ``train.bin`` / ``val.bin``: the whole file is uint16 tokens.
 
 Memory stays bounded: shards are memory-mapped and re-opened per batch (as nanoGPT does, to
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported where batches are made, so `fitgpt prepar
     import torch
 
 from fitgpt.errors import ConfigError, DataError
-from fitgpt.fileio import atomic_write
+from fitgpt.fileio import atomic_write, write_json
 from fitgpt.tokenizer import EOT
 
 MAGIC = 20240520
@@ -56,8 +56,8 @@ def _atomic_write(path: Path, chunks: Iterable[bytes]) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file + rename)."""
-    _atomic_write(Path(path), [(json.dumps(obj, indent=2) + "\n").encode("utf-8")])
+    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
+    write_json(Path(path), obj)
 
 
 def _as_tokens(tokens: Any, what: str) -> np.ndarray:
@@ -121,7 +121,12 @@ def _shard_layout(path: Path) -> tuple[int, int]:
     elif magic == _MAGIC_UINT32:
         problem = f"uint32-token shards (magic {magic}) are not supported; expected {MAGIC}"
     elif magic != MAGIC:
-        problem = f"bad magic {magic}, expected {MAGIC} (llm.c shard format)"
+        problem = (
+            f"no llm.c header (bad magic {magic}, expected {MAGIC}); files named *_train*.bin and "
+            "*_val*.bin are read as llm.c shards. Older llm.c scripts wrote them without a header: "
+            "re-run the current script, or, for headerless uint16 tokens, name the files train.bin "
+            "and val.bin (nanoGPT's format) in a folder of their own"
+        )
     elif len(header) < HEADER_INTS:
         problem = f"file holds {size} bytes, less than the {HEADER_BYTES}-byte header; {corrupt}"
     elif version != VERSION:
@@ -187,8 +192,10 @@ def shard_length(path: str | os.PathLike[str]) -> int:
 def find_splits(data_dir: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
     """``(train shards, val shards)`` of a data folder, each sorted by name.
 
-    llm.c names (``*_train_*.bin``, ``*_val_*.bin``) take precedence; otherwise nanoGPT's
-    ``train.bin`` / ``val.bin``.
+    llm.c names take precedence: numbered shards (``*_train_*.bin``, ``*_val_*.bin``, as the
+    FineWeb scripts write them) and single files (``*_train.bin``, ``*_val.bin``, as llm.c's
+    tinyshakespeare and tinystories scripts write them); both must carry the llm.c header.
+    Otherwise nanoGPT's headerless ``train.bin`` / ``val.bin``.
 
     Raises:
         DataError: the folder is missing or lacks train or val shards (message says how to fix).
@@ -200,7 +207,7 @@ def find_splits(data_dir: str | os.PathLike[str]) -> tuple[list[Path], list[Path
         raise DataError(f"data dir {root} does not exist or is not a folder; {fix}")
 
     def llmc(split: str) -> list[Path]:
-        found = root.glob(f"*_{split}_*.bin")
+        found = {*root.glob(f"*_{split}_*.bin"), *root.glob(f"*_{split}.bin")}
         return sorted(p for p in found if p.is_file() and not p.name.startswith("."))
 
     train, val = llmc("train"), llmc("val")
@@ -210,7 +217,8 @@ def find_splits(data_dir: str | os.PathLike[str]) -> tuple[list[Path], list[Path
     for split, found in (("train", train), ("val", val)):
         if not found:
             raise DataError(
-                f"data dir {root} has no {split} shards (*_{split}_*.bin or {split}.bin); {fix}"
+                f"data dir {root} has no {split} shards (*_{split}_*.bin, *_{split}.bin or "
+                f"{split}.bin); {fix}"
             )
     return train, val
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from fitgpt.data import HEADER_BYTES
 from fitgpt.errors import DataError
+from fitgpt.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,18 @@ def kjv_chapters(path: Path) -> list[str]:
 
 
 def _is_complete(folder: Path) -> bool:
-    """True if ``folder/manifest.json`` exists and every shard it lists has the right size."""
+    """True if ``folder/manifest.json`` is well formed and every shard it lists has the right
+    size (anything else: the demo is prepared again)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        shards = manifest["shards"]
-        if not shards or manifest.get("format") != "llm.c" or manifest.get("status", "complete") != "complete":
+        manifest = read_manifest(folder / MANIFEST, "the demo is prepared again")
+        if manifest is None or not manifest["shards"] or manifest.get("format") != "llm.c":
             return False
-        for entry in shards:
-            shard = folder / entry["file"]
-            if shard.stat().st_size != HEADER_BYTES + 2 * int(entry["tokens"]):
+        if manifest.get("status", "complete") != "complete":
+            return False
+        for entry in manifest["shards"]:
+            if (folder / entry["file"]).stat().st_size != HEADER_BYTES + 2 * entry["tokens"]:
                 return False
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, DataError):
         return False
     return True
 

@@ -6,10 +6,16 @@ This module stays light (numpy, tiktoken, no torch) because every worker process
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import ctypes
 import functools
 import hashlib
+import os
 import signal
+import sys
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -25,16 +31,50 @@ Encoded = tuple[int, np.ndarray, np.ndarray, int]
 
 _NO_SPECIAL: frozenset[str] = frozenset()
 _EOT_ARRAY = np.array([EOT], dtype=np.uint32)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def init_worker() -> None:
+def init_worker(parent: int | None = None, inherited_fd: int | None = None) -> None:
     """Pool initializer: load the tokenizer once per worker, before the first chunk arrives.
 
     Ctrl-C is left to the parent process, which stops the pool: otherwise every worker would
-    print its own KeyboardInterrupt traceback.
+    print its own KeyboardInterrupt traceback. The worker dies with ``parent`` (see
+    :func:`_die_with_parent`). ``inherited_fd`` (a forked worker's copy of the parent's folder
+    lock) is closed, so that the lock ends with the parent.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
+    if inherited_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(inherited_fd)
     gpt2_encoding()
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """End this worker, silently, when the process that started it dies.
+
+    A worker orphaned by a SIGKILL of `fitgpt prepare` would finish its chunk, fail to send it
+    back and print two BrokenPipeError tracebacks. On Linux the kernel kills it with its
+    parent (``PR_SET_PDEATHSIG``); elsewhere a thread watches the parent's pid (a worker that
+    finishes a chunk in the moment before may still print). ``parent`` None: no pid check.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        if parent is not None and os.getppid() != parent:
+            os._exit(0)  # the parent died before the kernel knew to kill this process
+        return
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _encode_one(enc: Any, text: str) -> np.ndarray:

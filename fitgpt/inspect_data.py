@@ -8,7 +8,6 @@ decoded sample from the start of the validation data.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,12 @@ _INDEX = re.compile(r"_(\d+)\.bin$")
 
 
 def _order(path: Path) -> tuple[int, str]:
-    """Stream order of a shard: by the number in its name (val_000000 comes first)."""
+    """Stream order of a shard: by the number in its name (val_000000 comes first); llm.c's
+    unnumbered NAME_val.bin before NAME_train.bin (its scripts take val from the start)."""
     m = _INDEX.search(path.name)
-    return (int(m.group(1)) if m else -1, path.name)
+    if m:
+        return int(m.group(1)), path.name
+    return (0 if path.name.endswith("_val.bin") else 1), path.name
 
 
 def eot_positions(shards: list[Path]) -> tuple[list[np.ndarray], int]:
@@ -70,17 +72,14 @@ def inspect_dir(data_dir: str | Path, verify: bool = False, sample: int = 64) ->
         DataError: no shards, or an unreadable shard (naming the file).
     """
     from fitgpt.data import HEADER_BYTES, find_splits, shard_length
-    from fitgpt.pipeline import MANIFEST, file_sha256
+    from fitgpt.manifest import MANIFEST, read_manifest
+    from fitgpt.pipeline import file_sha256
 
     root = Path(data_dir)
     train, val = find_splits(root)
     shards = sorted(set(train) | set(val), key=_order)
-    manifest: dict[str, Any] | None = None
-    if (root / MANIFEST).is_file():
-        try:
-            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{root / MANIFEST}: unreadable ({exc})") from exc
+    manifest = read_manifest(root / MANIFEST, f"re-run the `fitgpt prepare` command that wrote {root}, or remove "
+                             f"{MANIFEST} to check the shards against their headers only")
     listed = {e["file"]: e for e in (manifest or {}).get("shards", [])}
     say(f"data dir {root}")
     if manifest is None:
@@ -161,7 +160,8 @@ def cmd_data(args: list[str]) -> int:
     ins = sub.add_parser("inspect", help="shards, checks, document lengths and a decoded sample",
                          description="Per-shard counts, the manifest's checks, document-length statistics "
                          "(from EOT positions) and a decoded sample of the validation data.")
-    ins.add_argument("dir", help="folder of *_val_*.bin / *_train_*.bin shards (or nanoGPT train.bin/val.bin)")
+    ins.add_argument("dir", help="folder of *_val_*.bin / *_train_*.bin shards, *_val.bin / *_train.bin "
+                     "(llm.c) or nanoGPT's train.bin / val.bin")
     ins.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest")
     ins.add_argument("--sample", type=int, default=64, metavar="N",
                      help="decode the first N tokens of the validation data (default 64; 0: none)")

@@ -8,14 +8,17 @@ shards of fixed size and writes each one atomically
 finished shard with its sha256 and the input position where it ends (record index, and tokens
 of that record already written), so re-running the same command verifies the finished shards,
 skips the input up to the end of the last good one and continues from there, producing exactly
-the bytes of an uninterrupted run.
+the bytes of an uninterrupted run. The manifest is written (with no shards) before the first
+shard, and every file goes through a temporary name and a rename, so a kill at any moment
+leaves a folder that the same command resumes; the folder is locked while a preparation
+writes to it, so temporary files that a killed run left are removed safely.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
-import json
 import os
 import re
 import sys
@@ -31,9 +34,9 @@ from fitgpt import faults
 from fitgpt.data import HEADER_BYTES, MAGIC, VERSION, write_json_atomic, write_shard
 from fitgpt.encode import Chunk, Encoded, encode_chunk, init_worker, tokenizer_info
 from fitgpt.errors import ConfigError, DataError
+from fitgpt.manifest import MANIFEST, read_manifest
 from fitgpt.tokenizer import EOT
 
-MANIFEST = "manifest.json"
 _CHUNK_CHARS = 1 << 18  # a chunk holds about 256 kB of text (some 60k tokens, ~50 ms of work)
 _CHUNK_RECORDS = 4096
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
@@ -125,14 +128,21 @@ def start_method() -> str:
     return "spawn"
 
 
-def _encoded(chunks: Iterator[Chunk], workers: int) -> Iterator[Encoded]:
-    """Tokenized chunks in input order: in this process for one worker, else a process pool."""
+def _encoded(chunks: Iterator[Chunk], workers: int, lock_fd: int | None = None) -> Iterator[Encoded]:
+    """Tokenized chunks in input order: in this process for one worker, else a process pool.
+
+    Workers die with this process (see :func:`fitgpt.encode.init_worker`); forked ones close
+    their copy of the folder lock ``lock_fd``, so that the lock ends with this process.
+    """
     if workers <= 1:
         for chunk in chunks:
             yield encode_chunk(chunk)
         return
     feeder = _Feeder(chunks, limit=4 * workers)
-    pool = get_context(start_method()).Pool(workers, initializer=init_worker)
+    method = start_method()
+    parent = os.getpid() if method in ("fork", "spawn") else None  # a forkserver is their parent
+    inherited = lock_fd if method == "fork" else None
+    pool = get_context(method).Pool(workers, initializer=init_worker, initargs=(parent, inherited))
     try:
         for result in pool.imap(encode_chunk, feeder):
             feeder.slots.release()
@@ -182,20 +192,16 @@ def _bad_shard(out: Path, entry: dict[str, Any]) -> str | None:
 def _load_previous(out: Path, name: str, settings: dict[str, Any], say: Callable[[str], None]) -> dict | None:
     """The manifest of an earlier run with the same settings, cut to its verified shards."""
     path = out / MANIFEST
-    if not path.exists():
+    manifest = read_manifest(path, f"remove {out} or choose another --out", resumable=True)
+    if manifest is None:
         leftovers = sorted(p.name for p in out.glob(f"{name}_*.bin"))
         if leftovers:
             raise DataError(
-                f"{out} holds {name} shards ({leftovers[0]}, ...) but no {MANIFEST}; "
-                "remove them or choose another --out"
+                f"{out} holds {name} shards ({leftovers[0]}, ...) but no {MANIFEST}, so they were not "
+                "written by `fitgpt prepare`; remove them or choose another --out"
             )
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        previous = manifest["settings"]
-        shards = list(manifest["shards"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is unreadable ({exc}); remove {out} or choose another --out") from exc
+    previous, shards = manifest["settings"], manifest["shards"]
     if previous != settings:
         diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         raise DataError(
@@ -212,6 +218,37 @@ def _load_previous(out: Path, name: str, settings: dict[str, Any], say: Callable
     return manifest
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[int | None]:
+    """Hold an exclusive lock (``flock``) on the output folder; yield its descriptor (None where
+    there is no ``fcntl``). The kernel releases it when the process dies, however it dies."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield None
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise DataError(f"another `fitgpt prepare` is writing to {out}; wait for it to end, "
+                            "or choose another --out") from exc
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(out: Path, name: str, say: Callable[[str], None]) -> None:
+    """Delete the temporary shard and manifest files (``.*NAME_*.bin.tmp``,
+    ``.*manifest.json.tmp``) that a killed run left; safe only under :func:`_exclusive`."""
+    stale = [*out.glob(f".*{name}_*.bin.tmp"), *out.glob(f".*{MANIFEST}.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        say(f"{out}: removed {len(stale)} temporary file(s) left by an interrupted run")
+
+
 def _totals(manifest: dict[str, Any]) -> None:
     shards = manifest["shards"]
     manifest["total_tokens"] = sum(e["tokens"] for e in shards)
@@ -220,10 +257,51 @@ def _totals(manifest: dict[str, Any]) -> None:
     manifest["documents"] = sum(e["documents"] for e in shards)
 
 
+_NO_ROOM = {getattr(errno, "EDQUOT", errno.ENOSPC): "disk quota exceeded", errno.ENOSPC: "disk full",
+            errno.EFBIG: "file too large for the file system or the file-size limit (ulimit -f)"}
+
+
 def _write_error(exc: OSError, path: Path) -> DataError:
-    if exc.errno == errno.ENOSPC:
-        return DataError(f"disk full while writing {path}; free some space, then re-run to resume")
+    if exc.errno in _NO_ROOM:
+        return DataError(f"{_NO_ROOM[exc.errno]} while writing {path}; make room, then re-run the same "
+                         "command to resume")
     return DataError(f"cannot write {path} ({exc.strerror or exc})")
+
+
+def _save(out: Path, manifest: dict[str, Any]) -> None:
+    try:
+        write_json_atomic(out / MANIFEST, manifest)
+    except OSError as exc:
+        raise _write_error(exc, out / MANIFEST) from exc
+
+
+class _Writer:
+    """Writes shards in order and lists each one in the manifest once its file is complete."""
+
+    def __init__(self, out: Path, name: str, manifest: dict[str, Any], report: Reporter | None) -> None:
+        self.out, self.name, self.manifest, self.report = out, name, manifest, report
+        self.shards: list[dict[str, Any]] = manifest["shards"]
+
+    def write(self, tokens: np.ndarray, end: tuple[int, int]) -> None:
+        index = len(self.shards)
+        path = shard_path(self.out, self.name, index)
+        try:
+            sha256 = write_shard(path, tokens)
+        except OSError as exc:
+            raise _write_error(exc, path) from exc
+        faults.maybe_kill(index, "killshard")
+        entry = {"file": path.name, "split": "val" if index == 0 else "train", "tokens": int(tokens.size),
+                 "documents": int(np.count_nonzero(tokens == EOT)), "max_token": int(tokens.max()),
+                 "sha256": sha256, "end_record": end[0], "end_offset": end[1]}
+        self.shards.append(entry)
+        _totals(self.manifest)
+        try:
+            _save(self.out, self.manifest)
+        except DataError:
+            self.shards.pop()
+            raise
+        if self.report is not None:
+            self.report.shard_done(entry)
 
 
 def prepare_shards(
@@ -249,7 +327,8 @@ def prepare_shards(
     Raises:
         ConfigError: bad sizes or name.
         DataError: unreadable input, no tokens for training, a folder that cannot be written,
-            a full disk, or an earlier preparation with other settings in ``out_dir``.
+            a full disk, an earlier preparation with other settings in ``out_dir``, or another
+            preparation writing there now.
     """
     check_name(name)
     for label, value in (("val tokens", val_tokens), ("shard tokens", shard_tokens), ("tokens", max_tokens)):
@@ -262,26 +341,41 @@ def prepare_shards(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create the output folder {out} ({exc.strerror or exc})") from exc
-    settings = {
-        "name": name,
-        "source": source.describe(),
-        "tokenizer_vocab_sha256": None,
-        "val_tokens": val_tokens,
-        "shard_tokens": shard_tokens,
-        "max_tokens": max_tokens,
-    }
     tokenizer = tokenizer_info()
-    settings["tokenizer_vocab_sha256"] = tokenizer["vocab_sha256"]
-    manifest = _load_previous(out, name, settings, say)
-    if manifest is not None and manifest.get("status") == "complete":
-        say(f"{out}: already complete ({len(manifest['shards'])} shards verified)")
-        return manifest
-    if manifest is None:
-        manifest = {"format": "llm.c", "magic": MAGIC, "version": VERSION, "name": name, "status": "in progress",
-                    "source": source.describe(), "tokenizer": tokenizer, "eot": EOT, "settings": settings,
-                    "shards": []}
-        manifest.update(extra or {})
-    shards: list[dict[str, Any]] = manifest["shards"]
+    settings = {"name": name, "source": source.describe(), "tokenizer_vocab_sha256": tokenizer["vocab_sha256"],
+                "val_tokens": val_tokens, "shard_tokens": shard_tokens, "max_tokens": max_tokens}
+    with _exclusive(out) as lock_fd:
+        if lock_fd is not None:
+            _remove_stale_temps(out, name, say)
+        manifest = _load_previous(out, name, settings, say)
+        if manifest is not None and manifest.get("status") == "complete":
+            say(f"{out}: already complete ({len(manifest['shards'])} shards verified)")
+            return manifest
+        created = manifest is None
+        if created:  # listed before the first shard exists: a kill leaves it resumable
+            manifest = {"format": "llm.c", "magic": MAGIC, "version": VERSION, "name": name, "status": "in progress",
+                        "source": source.describe(), "tokenizer": tokenizer, "eot": EOT, "settings": settings,
+                        "shards": []}
+            manifest.update(extra or {})
+            _totals(manifest)
+            _save(out, manifest)
+        writer = _Writer(out, name, manifest, report)
+        try:
+            _fill(source, writer, val_tokens, shard_tokens, max_tokens, workers, lock_fd, say)
+        except BaseException:
+            if created and not manifest["shards"]:  # nothing to resume: leave the folder as found
+                for path in [out / MANIFEST, *out.glob(f"{name}_*.bin")]:
+                    path.unlink(missing_ok=True)
+            raise
+        manifest["status"] = "complete"
+        _save(out, manifest)
+    return manifest
+
+
+def _fill(source: Source, writer: _Writer, val_tokens: int, shard_tokens: int, max_tokens: int | None,
+          workers: int, lock_fd: int | None, say: Callable[[str], None]) -> None:
+    """Tokenize the input from where the listed shards end and write the remaining shards."""
+    shards, report = writer.shards, writer.report
     record, skip = (shards[-1]["end_record"], shards[-1]["end_offset"]) if shards else (0, 0)
     total = sum(e["tokens"] for e in shards)
     if shards:
@@ -293,33 +387,10 @@ def prepare_shards(
     buf = np.empty(capacity(len(shards)), dtype=np.uint16)
     filled = 0
     pending: tuple[np.ndarray, tuple[int, int]] | None = None  # a full shard not yet written
-
-    def write(tokens: np.ndarray, end: tuple[int, int]) -> None:
-        index = len(shards)
-        path = shard_path(out, name, index)
-        try:
-            sha256 = write_shard(path, tokens)
-        except OSError as exc:
-            raise _write_error(exc, path) from exc
-        faults.maybe_kill(index, "killshard")
-        entry = {"file": path.name, "split": "val" if index == 0 else "train", "tokens": int(tokens.size),
-                 "documents": int(np.count_nonzero(tokens == EOT)), "sha256": sha256,
-                 "end_record": end[0], "end_offset": end[1]}
-        shards.append(entry)
-        _totals(manifest)
-        try:
-            write_json_atomic(out / MANIFEST, manifest)
-        except OSError as exc:
-            shards.pop()
-            raise _write_error(exc, out / MANIFEST) from exc
-        if report is not None:
-            report.shard_done(entry)
-
     budget = None if max_tokens is None else max_tokens - total
     end = (record, skip)
     if budget is None or budget > 0:
-        chunks = _chunks(source.records(record), record)
-        encoded = _encoded(chunks, workers)
+        encoded = _encoded(_chunks(source.records(record), record), workers, lock_fd)
         try:
             for start, tokens, lengths, nbytes in encoded:
                 ends = np.cumsum(lengths)
@@ -327,7 +398,7 @@ def prepare_shards(
                 skip = 0
                 while p < tokens.size and budget != 0:
                     if pending is not None:  # more tokens follow: the full shard can be written
-                        write(*pending)
+                        writer.write(*pending)
                         pending = None
                         buf, filled = np.empty(capacity(len(shards)), dtype=np.uint16), 0
                     take = min(tokens.size - p, buf.size - filled, tokens.size if budget is None else budget)
@@ -353,10 +424,4 @@ def prepare_shards(
             "nothing is left for training; lower --val-tokens or add input"
         )
     if filled:
-        write(buf[:filled], end)
-    manifest["status"] = "complete"
-    try:
-        write_json_atomic(out / MANIFEST, manifest)
-    except OSError as exc:
-        raise _write_error(exc, out / MANIFEST) from exc
-    return manifest
+        writer.write(buf[:filled], end)

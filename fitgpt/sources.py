@@ -263,14 +263,22 @@ class ListSource:
         yield from itertools.islice(self.docs, start, None)
 
 
+_NETWORK_WORDS = ("Connect", "Timeout", "Offline", "Network", "Transport")
+
+
 def _network_error(exc: BaseException) -> bool:
-    """True for errors of connection, time-out or offline mode (requests, httpx, datasets)."""
+    """True for errors of connection, time-out or offline mode (requests, httpx, datasets),
+    judged by the exception's classes (httpx's RemoteProtocolError is a TransportError), and
+    for a hub that answers 5xx or 429 (down or rate-limited: the dataset may well exist)."""
     for e in (exc, exc.__cause__, exc.__context__):
         if e is None:
             continue
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True
-        if any(w in type(e).__name__ for w in ("Connect", "Timeout", "Offline", "Network", "Transport")):
+        if any(w in t.__name__ for t in type(e).__mro__ for w in _NETWORK_WORDS):
+            return True
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int) and (status >= 500 or status == 429):
             return True
     return False
 

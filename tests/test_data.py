@@ -127,6 +127,30 @@ def test_find_splits_nanogpt(tmp_path: Path) -> None:
     assert find_splits(tmp_path) == ([tmp_path / "train.bin"], [tmp_path / "val.bin"])
 
 
+@pytest.mark.parametrize("name", ["tiny_shakespeare", "TinyStories"])
+def test_find_splits_llmc_single_file_names(tmp_path: Path, name: str) -> None:
+    """Guards against missing llm.c's own data scripts' output (issue 12): tinyshakespeare.py
+    and tinystories.py write NAME_train.bin / NAME_val.bin, with the llm.c header."""
+    write_shard(tmp_path / f"{name}_train.bin", _ramp(100, 7))
+    write_shard(tmp_path / f"{name}_val.bin", _ramp(50))
+    train, val = find_splits(tmp_path)
+    assert [p.name for p in train] == [f"{name}_train.bin"] and [p.name for p in val] == [f"{name}_val.bin"]
+    assert read_shard(train[0]).tolist() == _ramp(100, 7).tolist()
+
+
+def test_llmc_named_file_without_header_says_so(tmp_path: Path) -> None:
+    """Guards against a headerless file named like llm.c's (older llm.c scripts wrote raw
+    uint16) being read as tokens or refused with a bare 'bad magic': the message says that the
+    header is missing and how to read the file as nanoGPT's headerless format."""
+    _ramp(3000).astype("<u2").tofile(tmp_path / "tiny_shakespeare_train.bin")
+    write_shard(tmp_path / "tiny_shakespeare_val.bin", _ramp(50))
+    train, _ = find_splits(tmp_path)
+    with pytest.raises(DataError, match=r"tiny_shakespeare_train\.bin: no llm\.c header .*train\.bin"):
+        read_shard(train[0])
+    with pytest.raises(DataError, match="no llm.c header"):
+        TrainBatches(train, 32, 2, seed=0)
+
+
 def test_find_splits_errors(tmp_path: Path) -> None:
     """Guards against unhelpful errors for a missing folder or a split without shards."""
     with pytest.raises(DataError, match=r"does not exist.*fitgpt train"):
@@ -282,3 +306,77 @@ def test_write_token_shards_errors_clean_up(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nothing is left for training"):
         write_token_shards([[1, 2, 3]], tmp_path, "s", val_tokens=10, shard_tokens=10)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- token ids
+
+
+def _plant_bad_id(shard_dir: Path, at: int = 12_345, bad: int = 300) -> Path:
+    """A copy of train shard 2 with one id >= the tiny model's vocabulary (256) at ``at``."""
+    tokens = np.asarray(read_shard(shard_dir / "tiny_train_000002.bin")).copy()
+    tokens[at] = bad
+    path = shard_dir / "tiny_train_000003.bin"
+    write_shard(path, tokens)
+    return path
+
+
+def test_bad_token_id_stops_before_step_0(shard_dir: Path, tmp_path: Path) -> None:
+    """Guards against issue 13 item 5: an id >= vocab_size in the middle of a train shard was
+    found only when a batch sampled it (a random step, and the same one again on resume).
+    Every shard's largest id is now checked before anything runs; the line names the shard,
+    the position and id, and a vocab_size that a new run accepts."""
+    from conftest import tiny_config
+
+    from fitgpt.train import run
+
+    _plant_bad_id(shard_dir)
+    with pytest.raises(DataError, match=r"tiny_train_000003\.bin: token id 300 >= model\.vocab_size 256 at "
+                                        r"position 12,345; .*--model\.vocab_size=301"):
+        run(tiny_config(shard_dir, tmp_path / "runs", train__max_steps=2))
+    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert written == []  # stopped before a log, a step or a checkpoint (a run folder's lock aside)
+    summary = run(tiny_config(shard_dir, tmp_path / "runs", train__max_steps=1, model__vocab_size=301,
+                              memory__track=False))
+    assert summary["status"] == "completed"  # the suggested fix is accepted
+
+
+def test_bad_token_id_on_resume_suggests_a_fix_resume_accepts(shard_dir: Path, tmp_path: Path) -> None:
+    """Guards against a resume that fails forever: vocab_size is fixed by the checkpoint, so the
+    message on resume says to take the shard out, and resuming after that works."""
+    from conftest import tiny_config
+
+    from fitgpt.resume import resume_config
+    from fitgpt.train import run
+
+    first = run(tiny_config(shard_dir, tmp_path / "runs", train__max_steps=1, eval__interval=1,
+                            memory__track=False))
+    bad = _plant_bad_id(shard_dir)
+    cfg, ckpt, run_dir = resume_config(first["run_dir"], None, ["--train.max_steps=2"], [])
+    with pytest.raises(DataError, match=r"tiny_train_000003\.bin: token id 300 .* 12,345.*move that shard out"):
+        run(cfg, ckpt=ckpt, run_dir=run_dir)
+    with pytest.raises(Exception, match="different model shape"):  # why the new-run fix is not offered
+        resume_config(first["run_dir"], None, ["--model.vocab_size=301"], [])
+    bad.rename(tmp_path / bad.name)
+    cfg, ckpt, run_dir = resume_config(first["run_dir"], None, ["--train.max_steps=2"], [])
+    assert run(cfg, ckpt=ckpt, run_dir=run_dir)["steps"] == 2
+
+
+def test_largest_id_is_cached(shard_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against re-reading every shard at every start (10B tokens: tens of seconds): the
+    largest id comes from the manifest entry `fitgpt prepare` wrote, else from the cache, which
+    a rewritten shard invalidates."""
+    from fitgpt import manifest
+
+    shards = sorted(shard_dir.glob("*.bin"))
+    reads: list[str] = []
+    import fitgpt.data as data
+
+    original = data.read_shard  # fitgpt.manifest reads shards through it
+    monkeypatch.setattr(data, "read_shard", lambda p: reads.append(Path(p).name) or original(p))
+    first = manifest.max_token_ids(shards)
+    assert sorted(reads) == sorted(p.name for p in shards) and max(first.values()) < 256
+    reads.clear()
+    assert manifest.max_token_ids(shards) == first and reads == []  # cached
+    _plant_bad_id(shard_dir, bad=999)
+    (shard_dir / "tiny_train_000003.bin").replace(shards[-1])  # same name, new content
+    assert manifest.max_token_ids(shards)[shards[-1]] == 999 and reads == [shards[-1].name]
