@@ -18,9 +18,9 @@ variant, order alternating over repeats, ratios within a repeat):
 3. `chunks`: GPT-2 124M, bfloat16, eager (no compile, so that it is quick): full logits and the
    chunked loss at 512, 1024, 2048 and 4096 rows per chunk, for the CUDA default of
    memory.loss_chunk.
-4. `sync`: the cost of train_step's one `torch.isfinite(loss).item()` per optimizer step, by
-   timing the 124M chunked run with that check replaced by a host-side constant (an experiment
-   only; training keeps the check).
+4. `sync`: the cost of train_step's one host sync per optimizer step (the loss, the gradient
+   norm and the wish to stop, read together by `fitgpt.train.host_values`), by timing the 124M
+   chunked run with it replaced by host-side zeros (an experiment only; training keeps it).
 
 `--dry-run` prints what would run, with the planner's predictions, without a GPU. Part 1 from
 the command line (part 2 needs the allocator cap, which only this script sets):
@@ -76,15 +76,15 @@ def full_batch_candidates(accum: int) -> list[tuple[int, int]]:
 
 @contextlib.contextmanager
 def no_finite_check():
-    """train_step's `torch.isfinite(loss).item()` without the device sync (experiment only)."""
-    import torch
+    """train_step's one host sync replaced by zeros (finite, no wish to stop): experiment only."""
+    import fitgpt.train
 
-    real = torch.isfinite
-    torch.isfinite = lambda t: torch.ones((), dtype=torch.bool)  # a CPU tensor: .item() is free
+    real = fitgpt.train.host_values
+    fitgpt.train.host_values = lambda t: [0.0] * t.numel()  # numel() is known on the host
     try:
         yield
     finally:
-        torch.isfinite = real
+        fitgpt.train.host_values = real
 
 
 def part_124m(args) -> dict[str, Any]:

@@ -8,7 +8,13 @@ Set FITGPT_FAULT to a comma-separated list of:
                         PHASE: train (a micro-step's start), backward (just before a micro-step's
                         backward) or eval
   nan:STEP              make the training loss NaN at STEP
+  infgrad:STEP          make one gradient infinite at STEP while the loss stays finite (a
+                        diverging run's gradient overflow)
+  nanweights:STEP       make the weights NaN right after the optimizer step at STEP (what an
+                        infinite learning rate does)
   kill:STEP             SIGKILL this process right after the checkpoint at STEP is saved
+  killafter:STEP        SIGKILL this process once step STEP's records are written (between
+                        checkpoints: a resumed run redoes the steps since the last one)
   killshard:INDEX       SIGKILL `fitgpt prepare` right after shard INDEX is written, before the
                         manifest lists it
   raise:RANK:STEP       raise an error in process RANK at STEP (a failing rank under torchrun)
@@ -45,6 +51,14 @@ def maybe_oom(phase: str, step: int, batch: int) -> None:
 
 def nan_at(step: int) -> bool:
     return any(f[0] == "nan" and int(f[1]) == step for f in _faults())
+
+
+def infgrad_at(step: int) -> bool:
+    return any(f[0] == "infgrad" and int(f[1]) == step for f in _faults())
+
+
+def nanweights_at(step: int) -> bool:
+    return any(f[0] == "nanweights" and int(f[1]) == step for f in _faults())
 
 
 def maybe_kill(step: int, kind: str = "kill") -> None:

@@ -45,6 +45,34 @@ def fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def drop_superseded(path: Path, step: int, eval_at_step: bool) -> int:
+    """On resume from the checkpoint of `step`: rewrite metrics.jsonl, atomically, without the
+    records the resumed run will write again (training records after `step`, evaluation records
+    after it, and at it when the resumed run evaluates there again) and without a line a kill
+    tore in half. Those records describe training whose weights were thrown away; dropping them
+    here means every reader (plots, `fitgpt runs`, a user's pandas) sees one record per step
+    without knowing about resumes; train.log keeps the full story. Returns the number dropped."""
+    from fitgpt.fileio import atomic_write
+
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            s = int(rec["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if s > step or (s == step and eval_at_step and rec.get("kind") == "eval"):
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    return dropped
+
+
 class RunLog:
     """Console output plus `train.log` and `metrics.jsonl` in the run folder."""
 
@@ -54,8 +82,13 @@ class RunLog:
         self._log = self._metrics = None
         if run_dir is not None and self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._log = open(run_dir / "train.log", "a", buffering=1)
-            self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            from fitgpt.fileio import open_append  # never appends through a planted link
+
+            self._log = open_append(run_dir / "train.log")
+            self._metrics = open_append(run_dir / "metrics.jsonl")
+        # (file name, OSError) of the first write that failed (a full disk): later writes to the
+        # files are dropped, the console keeps printing, and the training loop stops and saves
+        self.write_error: tuple[str, OSError] | None = None
         self._progress: Progress | None = None
         self._task = None
         if progress and self.main and sys.stdout.isatty() and total_steps > 0:
@@ -70,12 +103,20 @@ class RunLog:
         if not self.main:
             return
         say(msg)
-        if self._log:
-            self._log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        self._write(self._log, "train.log", f"{time.strftime('%H:%M:%S')} {msg}\n")
 
     def metrics(self, record: dict[str, Any]) -> None:
-        if self._metrics:
-            self._metrics.write(json.dumps(record) + "\n")
+        self._write(self._metrics, "metrics.jsonl", json.dumps(record) + "\n")
+
+    def _write(self, f, name: str, text: str) -> None:
+        """A line to one of the run's files; a failed write (disk full, file too large) is kept
+        in `write_error` instead of raised, so that the loop can still save a checkpoint."""
+        if f is None or self.write_error is not None:
+            return
+        try:
+            f.write(text)
+        except OSError as e:
+            self.write_error = (name, e)
 
     def advance(self, step: int, status: str) -> None:
         if self._progress is not None:
@@ -87,5 +128,8 @@ class RunLog:
             self._progress = None
         for f in (self._log, self._metrics):
             if f:
-                f.close()
+                try:
+                    f.close()
+                except OSError:  # what it could not flush is already in write_error
+                    pass
         self._log = self._metrics = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import signal
 import sys
 import time
@@ -20,20 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from fitgpt import __version__, distributed, faults, report
+from fitgpt import __version__, distributed, faults, report, rundir
 from fitgpt.checkpoint import save_checkpoint
 from fitgpt.config import Config
 from fitgpt.configio import summary_lines, to_dict, to_toml
 from fitgpt.data import TrainBatches, ValWindows, find_splits
-from fitgpt.errors import DataError, FitError
+from fitgpt.errors import CheckpointError, DataError, FitError
 from fitgpt.evaluate import EvalResult, bits_per_byte, evaluate
-from fitgpt.log import RunLog
+from fitgpt.fileio import write_text
+from fitgpt.guard import grad_norm, weights_finite
+from fitgpt.log import RunLog, drop_superseded
+from fitgpt.manifest import check_token_ids
 from fitgpt.memory.measure import Meter, PhasePeaks
 from fitgpt.memory.recover import attempt, best_suggestion, release
 from fitgpt.parallelize import maybe_compile
+from fitgpt.rng import rng_restore, rng_snapshot, rng_state, set_rng_state
 from fitgpt.runtime import Runtime, build_model, clean_state_dict, resolve_data_dir, resolve_runtime
 
 __all__ = ["Meter", "PhasePeaks", "lr_at", "run", "train_step"]
@@ -53,12 +55,19 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.lr - t.min_lr)
 
 
+def host_values(t: torch.Tensor) -> list[float]:
+    """The step's one device-to-host copy (a sync on CUDA); bench/gpu_speed.py's `sync` part
+    replaces it to time a step without it."""
+    return t.tolist()
+
+
 def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: float, rt: Runtime,
                split: int = 1, data: list | None = None, step: int = 0, exchange: dict | None = None):
     """One optimizer step over grad_accum micro-batches, each processed as `split` slices (the
     out-of-memory back-off: the same tokens, a smaller peak). Returns (mean loss, grad norm,
     skipped) with the loss and norm as device tensors; nothing else survives the call.
-    A non-finite loss skips the optimizer step (the GradScaler's own skip with float16).
+    A non-finite loss or gradient norm skips the optimizer step (the GradScaler's own skip with
+    float16); both are read in one host sync (fitgpt.guard).
     With several processes, `exchange` carries what the step shares besides the gradients:
     in, "want_stop" (this process's wish to stop, folded into the loss's all-reduce, so sharing
     it costs no extra sync); out, "stop" (any process's wish) and "began" (DDP's gradient
@@ -86,26 +95,33 @@ def train_step(model, optimizer, scaler, batches, grad_accum: int, grad_clip: fl
             scaler.scale(loss * weight).backward()
         loss_sum += loss.detach() * (xs.size(0) / n)
         del x, y, loss
+    if faults.infgrad_at(step):
+        next(p for p in model.parameters() if p.grad is not None).grad.add_(float("inf"))
+    norm = grad_norm(model, optimizer, scaler, grad_clip)  # clipped in place when grad_clip > 0
     mean = loss_sum / grad_accum
     share_stop = exchange is not None and "want_stop" in exchange
     if share_stop:
         mean = torch.stack([mean, mean.new_tensor(float(exchange["want_stop"]))])
     mean = distributed.mean_across(mean)  # NaN on any process: NaN on all
     loss = mean[0] if share_stop else mean
-    skipped = not bool(torch.isfinite(loss).item())  # one sync per optimizer step
+    # one sync per optimizer step: the loss, the wish to stop and the gradient norm together
+    host = host_values(torch.cat([mean.reshape(-1)] + ([norm.reshape(1).to(mean)] if norm is not None else [])))
     if share_stop:
-        exchange["stop"] = bool(mean[1].item() > 0)  # the same tensor: ready, no extra wait
-    norm = None
+        exchange["stop"] = host[1] > 0
+    # with float16 a non-finite gradient is the GradScaler's routine overflow: it skips that step
+    skipped = not math.isfinite(host[0]) or (
+        norm is not None and not scaler.is_enabled() and not math.isfinite(host[-1]))
     to_none = not distributed.grads_live_in_buckets(model)
     if skipped and not scaler.is_enabled():
         optimizer.zero_grad(set_to_none=to_none)
         return loss, norm, True
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)  # with float16, skips steps whose gradients are not finite
     scaler.update()
     optimizer.zero_grad(set_to_none=to_none)
+    if faults.nanweights_at(step):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
     return loss, norm, skipped
 
 
@@ -123,26 +139,15 @@ class State:
     stop_shared: bool = False  # some process asked to stop (known after each step's all-reduce)
     split: int = 1  # slices per micro-batch (out-of-memory back-off)
     eval_batch: int = 1
-    nonfinite: int = 0  # consecutive non-finite losses
+    nonfinite: int = 0  # consecutive skipped steps (non-finite loss or gradient norm)
     backoffs: list = field(default_factory=list)
+    saved: str | None = None  # the newest checkpoint (saved or resumed from): finite weights
+    saved_step: int | None = None
 
 
-def rng_state() -> dict[str, Any]:
-    st = np.random.get_state()
-    out = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in st["python"]))
-    torch.set_rng_state(st["torch"])
-    n = st["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+def last_saved(state: State) -> str:
+    return (f"the last checkpoint is {state.saved} (step {state.saved_step})" if state.saved
+            else "no checkpoint was saved")
 
 
 class _StopFlag:
@@ -188,10 +193,16 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     if world.active:
         distributed.check_divisible(cfg.train.grad_accum, world)
         cfg.parallel.nproc = world.size  # the planner's per-process figures follow the real world
+    lock = None
+    if world.main:  # only rank 0 writes the run folder, so only rank 0 locks it (fitgpt.rundir)
+        run_dir, lock = rundir.open_run_dir(cfg, run_dir)
+    run_dir = distributed.broadcast_object(run_dir, world)
     rt = resolve_runtime(device, cfg.train.dtype)
     data_dir = resolve_data_dir(cfg.data.dir) if world.main else None
     data_dir = distributed.broadcast_object(data_dir, world)  # the demo is prepared once
     train_files, val_files = find_splits(data_dir)
+    # every shard's largest id (cached), so a bad id stops the run before step 0, not at a random step
+    check_token_ids(train_files + val_files, cfg.model.vocab_size, resuming=ckpt is not None)
     batches = TrainBatches(train_files, cfg.model.block_size, cfg.train.batch_size, cfg.data.seed)
     fsdp = world.active and cfg.parallel.mode == "fsdp"
     val = ValWindows(val_files, cfg.eval_block_size, cfg.eval_windows)
@@ -204,7 +215,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     wrapped = distributed.wrap(model, cfg.parallel.mode, world, rt)
     optimizer = model.configure_optimizer(cfg.train.weight_decay, cfg.train.lr,
                                           (cfg.train.beta1, cfg.train.beta2), rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+    scaler = distributed.grad_scaler(rt, fsdp)  # float16 only; sharded under FSDP2
     state = State(split=cfg.memory.micro_split, eval_batch=cfg.eval_batch_size)
     resume_notes = []
     if ckpt is not None:
@@ -222,15 +233,17 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         back = ckpt.get("backoff", {})
         state.split = max(state.split, int(back.get("micro_split", 1)))
         state.eval_batch = min(state.eval_batch, int(back.get("eval_batch_size", state.eval_batch)))
+        state.saved, state.saved_step = ckpt.get("_path"), state.step
         ckpt = None  # drop the references: the tensors now live in the model and optimizer
     fwd = maybe_compile(wrapped, cfg.train.compile)
     eval_model = model if world.active and not fsdp else fwd  # DDP: no collectives in eval
 
     if world.main:
-        run_dir = run_dir or report.make_run_dir(cfg)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-    run_dir = distributed.broadcast_object(run_dir, world)
+        write_text(run_dir / "config.toml", to_toml(cfg))
     total = cfg.train.max_steps
+    if state.saved is not None and world.main:  # resumed: the killed run's later records go
+        evals_again = state.step % cfg.eval.interval == 0 or state.step >= total or cfg.train.eval_only
+        drop_superseded(run_dir / "metrics.jsonl", state.step, evals_again)
     log = RunLog(run_dir, max(0, total - state.step), cfg.log.progress)
     wandb_run = report.start_trackers(cfg, run_dir) if world.main else None
     # FSDP2 allocates and frees its gathered parameters by resizing storages in place, which the
@@ -253,19 +266,23 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     for note in resume_notes:
         log.info(f"note: {note}")
 
-    def checkpoint() -> Path | None:
+    def checkpoint() -> bool:
+        """Save a checkpoint; refused (False: the run must stop) when the weights are not finite,
+        so that a run never saves them nor prunes a good checkpoint to make room for them."""
+        if not weights_finite(model, rt.device):
+            return weights_gone()
         st = {"model": distributed.full_model_state(model, fsdp),
               "optimizer": distributed.full_optimizer_state(model, optimizer),
               "scaler": scaler.state_dict(), "step": state.step, "tokens": state.tokens,
               "best_val_loss": state.best_val, "config": to_dict(cfg),
               "sampler": batches.state_dict(), "rng": rng_state(), "version": __version__,
               "backoff": {"micro_split": state.split, "eval_batch_size": state.eval_batch}}
-        path = None
         if world.main:
             path = save_checkpoint(run_dir, st, state.step, cfg.log.keep)
+            state.saved, state.saved_step = str(path), state.step
             log.info(f"saved {path}")
         distributed.barrier(world)
-        return path
+        return True
 
     def backoff(phase: str, what: str, old: int, new: int) -> None:
         release(model, optimizer, rt)  # called outside the except block: the frames are gone
@@ -291,9 +308,10 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         if world.active:  # the others may wait in a collective: no checkpoint (its barrier would hang)
             raise OutOfMemory(f"out of memory in {phase} even at {size} in process {world.rank} of "
                               f"{world.size}; the job stops, its last checkpoint is in {run_dir}" + hint)
-        checkpoint()
+        saved = checkpoint()
         raise OutOfMemory(f"out of memory in {phase} even at {size}; stopped with a checkpoint in "
-                          f"{run_dir}" + hint)
+                          f"{run_dir}" + hint if saved else
+                          f"out of memory in {phase} even at {size}; stopped; {last_saved(state)}" + hint)
 
     def do_eval(measure: bool) -> EvalResult:
         while True:
@@ -324,6 +342,7 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
         data = data[world.rank::world.size]  # this process's share of the global stream
         check_tokens(data, cfg.model.vocab_size, f"training data in {data_dir}")
         exchange: dict = {}  # what train_step shares with the other processes (see there)
+        rng = rng_snapshot(rt)  # a retry draws the dropout masks the failed attempt drew
         while True:
             exchange.clear()
             if world.active:
@@ -346,6 +365,59 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
                 give_up("training", "micro-batch 1")
             backoff("training", "micro_split", state.split, state.split * 2)
             state.split *= 2
+            rng_restore(rt, rng)
+
+    advice = (f"Lower --train.lr (now {cfg.train.lr:g}), keep --train.grad_clip above 0 (now "
+              f"{cfg.train.grad_clip:g}), or try --train.dtype=bfloat16")
+
+    def weights_gone() -> bool:
+        log.info(f"stopping at step {state.step}: the weights are no longer finite, so they are not "
+                 f"saved; {last_saved(state)}. {advice}")
+        return False
+
+    def after_eval(res: EvalResult, last_step: bool) -> bool:
+        """Save after an evaluation (always, or when val loss improved), never when val loss is
+        not finite. False when the run must stop: its weights are no longer finite."""
+        if cfg.train.eval_only:
+            return True
+        if not math.isfinite(res.loss):
+            if not weights_finite(model, rt.device):
+                return weights_gone()
+            log.info(f"val loss is not finite at step {state.step}: no checkpoint; {last_saved(state)}")
+        elif (cfg.log.always_save or res.loss <= state.best_val) and (state.step > start_step or last_step):
+            if not checkpoint():
+                return False
+            faults.maybe_kill(state.step)
+        return True
+
+    def after_skip(loss: torch.Tensor) -> bool:
+        """A skipped step: say why. False when the run must stop: its weights are no longer finite
+        (not saved), or train.max_nonfinite steps in a row were skipped (saved: they are finite)."""
+        what = "loss" if not math.isfinite(loss.item()) else "gradient norm"
+        log.info(f"step {state.step}: non-finite {what}, optimizer step skipped "
+                 f"({state.nonfinite} in a row, limit {cfg.train.max_nonfinite})")
+        if not weights_finite(model, rt.device):
+            return weights_gone()
+        if state.nonfinite < cfg.train.max_nonfinite:
+            return True
+        checkpoint()
+        log.info(f"stopping: {state.nonfinite} optimizer steps in a row skipped; the weights, "
+                 f"unchanged since step {state.step - state.nonfinite}, are in the checkpoint of step "
+                 f"{state.step}. {advice}")
+        return False
+
+    def write_failure() -> str:
+        name, err = log.write_error
+        return f"could not write {run_dir / name}: {err.strerror or err}"
+
+    def stop_save() -> bool:
+        """The checkpoint of a stop; after a failed log write, one line that says both."""
+        try:
+            return checkpoint()
+        except CheckpointError as e:
+            if log.write_error is None:
+                raise
+            raise FitError(f"{write_failure()}; {e}") from None
 
     trained_steps, start_step, status = 0, state.step, "completed"
     window_t0, window_steps, first_dt = time.perf_counter(), 0, 0.0
@@ -353,23 +425,21 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     try:
         with _StopFlag(state, log):
             while True:
-                if faults.stop_at(state.step):
+                if faults.stop_at(state.step) or log.write_error is not None:  # disk full: save, stop
                     state.stop_requested = True
                 # with several processes, the wish to stop travels with each step's loss, so that
                 # all stop before the same step (one stopping alone would hang the others)
                 stop = state.stop_shared if world.active else state.stop_requested
                 if stop and not cfg.train.eval_only:
-                    checkpoint()
-                    status = "stopped"
+                    status = "stopped" if stop_save() else "diverged"
                     break
                 last_step = state.step >= total or cfg.train.eval_only
                 if state.step % cfg.eval.interval == 0 or last_step:
                     res = do_eval(measure=trained_steps > 0 or cfg.train.eval_only)
                     report.record_eval(state, res, log, wandb_run)
-                    save = cfg.log.always_save or res.loss <= state.best_val
-                    if not cfg.train.eval_only and save and (state.step > start_step or last_step):
-                        checkpoint()
-                        faults.maybe_kill(state.step)
+                    if not after_eval(res, last_step):
+                        status = "diverged"
+                        break
                     window_t0, window_steps = time.perf_counter(), 0  # timing excludes eval
                 if last_step:
                     break
@@ -383,16 +453,9 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
                 trained_steps += 1
                 window_steps += 1
                 state.nonfinite = state.nonfinite + 1 if skipped else 0
-                if skipped:
-                    log.info(f"step {state.step}: non-finite loss, optimizer step skipped "
-                             f"({state.nonfinite} in a row, limit {cfg.train.max_nonfinite})")
-                    if state.nonfinite >= cfg.train.max_nonfinite:
-                        checkpoint()
-                        log.info(f"stopping: {state.nonfinite} non-finite losses in a row; the "
-                                 f"checkpoint holds the last good weights. Try --train.dtype=bfloat16"
-                                 f" or a lower --train.lr (now {cfg.train.lr:g})")
-                        status = "diverged"
-                        break
+                if skipped and not after_skip(loss):
+                    status = "diverged"
+                    break
                 if trained_steps == 1:  # warm-up and measurement: timed apart
                     rt.synchronize()
                     first_dt = time.perf_counter() - t0
@@ -407,8 +470,12 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
                     window_t0, window_steps = now, 0
                     report.record_train(state, loss_v, norm, lr, dt, cfg, log, wandb_run)
                 log.advance(state.step - start_step, report.loss_status(state))
+                faults.maybe_kill(state.step, "killafter")
     finally:
         log.close()
+    if log.write_error is not None:
+        raise FitError(f"{write_failure()}; stopped at step {state.step}: {last_saved(state)}; free "
+                       f"space, then resume with: fitgpt train --resume {run_dir}")
     if status == "stopped":
         log.info(f"stopped at step {state.step}; resume with: fitgpt train --resume {run_dir}")
     summary = report.summary(cfg, state, model, rt, run_dir, status, untracked=cpu_fsdp)
@@ -422,4 +489,6 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     if wandb_run is not None:
         wandb_run.finish()
     distributed.barrier(world)
+    if lock is not None:
+        lock.release()
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -263,3 +264,155 @@ def test_out_of_memory_message_quotes_the_planner():
     assert best_suggestion(cfg) == "the planner suggests: chunked loss (--memory.loss=chunked)"
     cfg.memory.budget = None
     assert best_suggestion(cfg) == ""  # no card and no budget: nothing to plan for
+
+
+def finite(state: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_nonfinite_gradient_norm_skips_the_step(shard_dir, tmp_path, monkeypatch):
+    """An infinite gradient with a finite loss (a diverging run's overflow) skips its optimizer
+    step, with clipping off too: the weights equal a run that stopped before it (before the fix,
+    AdamW turned the inf into NaN in every weight it touched)."""
+    common = dict(eval__interval=100, train__grad_clip=0.0)
+    good = run(tiny_config(shard_dir, tmp_path / "good", train__max_steps=2, **common))
+    monkeypatch.setenv("FITGPT_FAULT", "infgrad:2")
+    bad = run(tiny_config(shard_dir, tmp_path / "bad", train__max_steps=3, **common))
+    assert bad["status"] == "completed"
+    a, b = params(good["run_dir"]), params(bad["run_dir"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (Path(bad["run_dir"]) / "train.log").read_text()
+    assert "step 3: non-finite gradient norm, optimizer step skipped" in log
+
+
+@pytest.mark.parametrize("fault, steps", [("nanweights:2", 4), ("nanweights:3", 4),
+                                          ("nanweights:2,stop:0:3", 3)])
+def test_weights_that_become_nonfinite_stop_the_run_keeping_the_last_good_checkpoint(
+        fault, steps, shard_dir, tmp_path, monkeypatch):
+    """An optimizer step that makes the weights NaN (as an infinite learning rate does, with a
+    finite gradient) stops the run, without saving them, at the next step's NaN loss, at the
+    next evaluation, or at a requested stop's save: the step-2 checkpoint stays `latest` and
+    finite, and the message names it. Before the fix, always_save wrote NaN checkpoints and
+    keep=2 pruned the good one."""
+    monkeypatch.setenv("FITGPT_FAULT", fault)
+    s = run(tiny_config(shard_dir, tmp_path, train__max_steps=8, eval__interval=2))
+    assert s["status"] == "diverged" and s["steps"] == steps
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == 2 and finite(ckpt["model"])
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert names == ["step_00000002.pt"]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "the weights are no longer finite, so they are not saved; the last checkpoint is " \
+           f"{tmp_path / 'run' / 'checkpoints' / 'step_00000002.pt'} (step 2)" in log
+
+
+def test_diverging_learning_rate_keeps_finite_checkpoints(shard_dir, tmp_path):
+    """The reported run, for real: lr=1e3 with always_save and keep=2. The gradient norm
+    overflows to inf while the loss stays finite; those steps are skipped, so every checkpoint
+    kept holds finite weights that give a finite val loss (before the fix, both kept checkpoints
+    gave NaN and the last finite one had been deleted)."""
+    s = run(tiny_config(shard_dir, tmp_path, train__max_steps=6, eval__interval=2, train__lr=1e3,
+                        train__warmup_steps=0))
+    assert math.isfinite(s["val_loss"])
+    for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"):
+        assert finite(load_checkpoint(p)["model"]), p.name
+    assert "non-finite gradient norm, optimizer step skipped" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_oom_retry_with_dropout_equals_a_resume_at_the_smaller_split(shard_dir, tmp_path, monkeypatch):
+    """With dropout 0.1, out of memory in a backward (after the forward drew its dropout masks)
+    at step 2: the retry starts from the random state the failed attempt started from, so the
+    run equals, bit for bit, one stopped at step 2 and resumed with --memory.micro_split=2.
+    (Slices draw other masks than the whole micro-batch: what is equal is stated in the README.)"""
+    common = dict(model__dropout=0.1, train__max_steps=4, train__lr_decay_steps=4, eval__interval=2)
+    monkeypatch.setenv("FITGPT_FAULT", "oom:backward:2:4")
+    a = run(tiny_config(shard_dir, tmp_path / "a", **common))
+    monkeypatch.delenv("FITGPT_FAULT")
+    assert [e["step"] for e in a["backoff"]["events"]] == [2]
+    run(tiny_config(shard_dir, tmp_path / "b", **{**common, "train__max_steps": 2}))
+    cfg, ckpt, run_dir = resume_config(str(tmp_path / "b" / "run"), None,
+                                       ["--train.max_steps=4", "--memory.micro_split=2"], [])
+    run(cfg, ckpt=ckpt, run_dir=run_dir)
+    assert losses(a["run_dir"]) == losses(run_dir)
+    pa, pb = params(a["run_dir"]), params(run_dir)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def records(run_dir) -> list[tuple]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [(r["kind"], r["step"], r.get("loss", r.get("val_loss"))) for r in map(json.loads, lines)]
+
+
+def test_resume_after_sigkill_writes_each_step_once(shard_dir, tmp_path):
+    """SIGKILL after step 5, two steps past the step-3 checkpoint; the resumed run redoes steps
+    4 and 5. metrics.jsonl then holds each record once, equal to an uninterrupted run's (before
+    the fix: the killed run's steps 4, 5 and its step-3 evaluation appeared twice)."""
+    full = run(tiny_config(shard_dir, tmp_path / "full", train__max_steps=6, eval__interval=3))
+    path = tmp_path / "k.toml"
+    path.write_text(to_toml(tiny_config(shard_dir, tmp_path / "killed", train__max_steps=6,
+                                        eval__interval=3)))
+    env = {**os.environ, "FITGPT_FAULT": "killafter:5"}
+    proc = subprocess.run(_cli_args(path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_dir = tmp_path / "killed" / "run"
+    assert ("train", 5) in [r[:2] for r in records(run_dir)]
+    assert load_checkpoint(run_dir)["step"] == 3
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert records(run_dir) == records(full["run_dir"])
+
+
+def _file_size_limit(limit: int):
+    """For preexec_fn: a real limit on the size of every file the child writes (RLIMIT_FSIZE,
+    as `ulimit -f`); with SIGXFSZ ignored, a write past it fails with EFBIG like a full disk."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def _resume_limited(run_dir: Path, limit: int, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "fitgpt", "train", "--resume", str(run_dir), *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(limit))
+
+
+@pytest.mark.parametrize("frac", [0.5, 0.6])
+def test_checkpoint_too_large_for_the_disk_is_one_line(frac, shard_dir, tmp_path):
+    """A real write failure inside torch.save: the resumed run's step-4 checkpoint exceeds the
+    file size limit. Where the write fails decides what torch raises: OSError at half the size,
+    a RuntimeError from its zip writer at 0.6 (torch 2.13). Either way: one line, exit 2, no
+    partial file, and the step-2 checkpoint intact and still `latest`."""
+    run(tiny_config(shard_dir, tmp_path, train__max_steps=2, eval__interval=2))
+    ckdir = tmp_path / "run" / "checkpoints"
+    size = (ckdir / "step_00000002.pt").stat().st_size
+    proc = _resume_limited(tmp_path / "run", int(size * frac), "--train.max_steps=4")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert "step_00000004.pt: File too large" in err[0] and "step_00000002.pt is intact" in err[0]
+    assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_00000002.pt"]
+    assert load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_log_that_cannot_grow_stops_with_a_checkpoint(room, shard_dir, tmp_path):
+    """train.log hits a real file size limit a few steps into a resumed run. With room for a
+    checkpoint (room=True) the run saves at the step it reached and says so; without (a limit
+    below a checkpoint's size) it says that too and the step-2 checkpoint stays `latest`.
+    Either way: one line, exit 2 (before the fix: a chained traceback, exit 1, no save)."""
+    run(tiny_config(shard_dir, tmp_path, train__max_steps=2, eval__interval=2))
+    run_dir = tmp_path / "run"
+    size = (run_dir / "checkpoints" / "step_00000002.pt").stat().st_size
+    limit = 2 * size if room else size // 2
+    with open(run_dir / "train.log", "a") as f:  # the start lines fit (~1.5 kB), a few steps more
+        f.write("#" * (limit - 2000 - (run_dir / "train.log").stat().st_size) + "\n")
+    proc = _resume_limited(run_dir, limit, "--train.max_steps=1000", "--eval.interval=1000")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith(f"fitgpt: error: could not write {run_dir / 'train.log'}: File too large")
+    step = load_checkpoint(run_dir)["step"]
+    if room:
+        assert step > 2 and f"stopped at step {step}: the last checkpoint is " in err[0]
+    else:
+        assert step == 2 and "step_00000002.pt is intact" in err[0]

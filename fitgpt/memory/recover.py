@@ -1,4 +1,5 @@
 """Out-of-memory recovery: recognise the error, release what the failed attempt held, back off.
+A retry starts from the random state the failed attempt started from (fitgpt.rng).
 
 The caller catches the error, keeps only a description of it, and calls `release` *after* the
 `except` block: inside it, the exception's traceback still references the failed frames and
