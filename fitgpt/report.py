@@ -3,39 +3,23 @@
 Each record goes to metrics.jsonl and, when asked, to Weights & Biases and TensorBoard
 (`start_trackers`). Training records carry MFU (model FLOPs utilisation: training FLOPs per
 token x tokens/s over the card's dense 16-bit peak; None off CUDA or on a card without a known
-peak); evaluation records carry bits per byte. `finish_plots` draws the run's curves at the end.
+peak); evaluation records carry bits per byte. `finish_plots` draws plots.png at the end.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from fitgpt import __version__
+from fitgpt import __version__, fileio
 from fitgpt.config import Config
 from fitgpt.configio import to_dict
 from fitgpt.errors import ConfigError
 from fitgpt.evaluate import EvalResult
 from fitgpt.log import fmt_bytes, fmt_count, say
 from fitgpt.runtime import Runtime
-
-
-def make_run_dir(cfg: Config) -> Path:
-    base = Path(cfg.log.out_dir)
-    name = cfg.log.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = base / name
-    n = 1
-    while cfg.log.run_name is None and run_dir.exists():
-        n += 1
-        run_dir = base / f"{name}-{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def loss_status(state) -> str:
@@ -108,7 +92,12 @@ def summary(cfg, state, model, rt: Runtime, run_dir: Path, status: str,
 
     tok_s = state.train_tokens_timed / state.train_seconds if state.train_seconds else None
     dtype = str(rt.dtype).replace("torch.", "")
-    est = estimate(cfg, rt.device_type, dtype)
+    card = None
+    if rt.device_type == "cuda":  # its architecture sizes the cuBLAS workspaces in the plan
+        from fitgpt.memory.gpus import current_gpu
+
+        card = current_gpu(rt.device.index)
+    est = estimate(cfg, rt.device_type, dtype, card)
     how = "cuda max_memory_allocated" if rt.device_type == "cuda" else (
         "not measured: the CPU storage tracker cannot follow FSDP2's storage resizes" if untracked else
         "storage tracker (first two steps, first evaluation)" if cfg.memory.track else "not measured")
@@ -132,36 +121,31 @@ def summary(cfg, state, model, rt: Runtime, run_dir: Path, status: str,
     say(f"peak memory ({how}): training {fmt_bytes(state.peaks.train)}, evaluation "
         f"{fmt_bytes(state.peaks.eval)} | predicted: training {fmt_bytes(est.train.allocated)}, "
         f"evaluation {fmt_bytes(est.eval.allocated)}")
-    say(f"run folder: {run_dir} (config.toml, train.log, metrics.jsonl, summary.json, checkpoints/)")
+    say(f"run folder: {run_dir} (config.toml, train.log, metrics.jsonl, summary.json, plots.png, "
+        f"checkpoints/)")
     return out
 
 
 def sample_text(model, cfg: Config, rt: Runtime) -> str | None:
-    """A short generated text after training (seeded, temperature 0.8, top-k 200); None, with a
-    note, when it cannot be made (a vocabulary smaller than GPT-2's, or no tokenizer files)."""
+    """A short generated text after training (seeded, temperature 0.8, top-k 200), decoded with
+    the data folder's meta.pkl for a character-level nanoGPT dataset, else GPT-2's BPE; None,
+    with a note, when it cannot be made (no vocabulary to decode with, no tokenizer files)."""
     from fitgpt.errors import FitError
-    from fitgpt.tokenizer import N_VOCAB, gpt2_encoding
+    from fitgpt.sample import generate_texts, text_vocab
 
-    if cfg.model.vocab_size < N_VOCAB:
-        say(f"no sample: eval.sample_tokens needs the GPT-2 vocabulary, and model.vocab_size is "
-            f"{cfg.model.vocab_size}")
-        return None
+    model.eval()  # no dropout in the sample
     try:
-        enc = gpt2_encoding()
+        vocab = text_vocab(cfg)
+        texts, _ = generate_texts(model, vocab, cfg.eval.sample_prompt,
+                                  max_new_tokens=cfg.eval.sample_tokens, temperature=0.8, top_k=200,
+                                  top_p=None, seed=cfg.train.seed, num_samples=1, rt=rt,
+                                  vocab_limit=cfg.model.vocab_size)
     except FitError as e:
         say(f"no sample: {e}")
         return None
-    prompt = enc.encode_ordinary(cfg.eval.sample_prompt) or [50256]
-    idx = torch.tensor([prompt], dtype=torch.long, device=rt.device)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    model.eval()
-    with rt.autocast():
-        out = model.generate(idx, cfg.eval.sample_tokens, temperature=0.8, top_k=200,
-                             generator=gen, vocab_limit=cfg.model.vocab_size, kv_cache=True)
-    text = enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
     say("sample:")
-    say(text.strip())
-    return text
+    say(texts[0].strip())
+    return texts[0]
 
 
 def start_wandb(cfg: Config, run_dir: Path):
@@ -222,23 +206,21 @@ def start_trackers(cfg: Config, run_dir: Path) -> Trackers | None:
 
 
 def finish_plots(run_dir: Path) -> Path | None:
-    """At the end of a run: <run folder>/plots.png (losses against tokens, peak memory against
-    step) when matplotlib is installed; silently nothing otherwise. A plot that fails is a note,
-    never a failed run."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
+    """At the end of a run: <run folder>/plots.png (losses against tokens, each phase's peak
+    memory against its prediction; see fitgpt.plots). A plot that fails, matplotlib missing
+    from a broken install included, is a note, never a failed run."""
+    from fitgpt.errors import FitError
     from fitgpt.runs import plot_runs
 
     try:
         return plot_runs([Path(run_dir)], Path(run_dir) / "plots.png")
+    except FitError as e:
+        say(f"note: no plots.png: {e}")
     except Exception as e:  # noqa: BLE001 - the run itself is done and saved
-        say(f"note: no plot ({type(e).__name__}: {e})")
-        return None
+        say(f"note: no plots.png ({type(e).__name__}: {e})")
+    return None
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    """Atomically and fsynced (fitgpt.fileio); values JSON cannot hold are written as text."""
+    fileio.write_json(path, obj, default=str)

@@ -1,9 +1,8 @@
 """Run folders after the fact: `fitgpt runs` lists them, `fitgpt plot` draws their curves.
 
 Everything is read from the files a run writes (config.toml, metrics.jsonl, summary.json), so a
-run that is still going or was killed shows what it logged so far. Plotting needs matplotlib
-(`pip install 'fitgpt[plot]'`); it draws with the object API on an Agg canvas, so it never
-touches pyplot's global state or needs a display.
+run that is still going or was killed shows what it logged so far. The drawing is in
+fitgpt.plots (matplotlib, imported only when a picture is drawn).
 """
 
 from __future__ import annotations
@@ -11,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from fitgpt.errors import FitError
 
-from fitgpt.errors import ConfigError, FitError
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
+    import tomli as tomllib
 
 NO_SUMMARY = "running or killed"
 
@@ -129,53 +132,21 @@ def runs_table(runs: list[Run]) -> list[tuple[str, str, str, str, str]]:
 # ----------------------------------------------------------------------------- plots
 
 def plot_runs(paths: list[Path], out: Path) -> Path:
-    """One PNG: train and val loss against tokens, peak memory against step; one colour per
-    run. Needs matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ConfigError("plotting needs matplotlib: pip install 'fitgpt[plot]'") from None
-    runs = [read_run(p) for p in paths]
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    loss_ax, mem_ax = fig.subplots(1, 2)
-    for i, run in enumerate(runs):
-        color = f"C{i % 10}"
-        train, evals = run.kind("train"), run.kind("eval")
-        pts = [(r["tokens"], r["loss"]) for r in train if r.get("loss") is not None]
-        if pts:
-            loss_ax.plot(*zip(*pts), color=color, alpha=0.6, lw=1, label=f"{run.name} train")
-        pts = [(r["tokens"], r["val_loss"]) for r in evals if r.get("val_loss") is not None]
-        if pts:
-            loss_ax.plot(*zip(*pts), color=color, marker="o", ms=3, lw=2, label=f"{run.name} val")
-        for recs, key, style, phase in ((train, "peak_train_bytes", "-", "training"),
-                                        (evals, "peak_eval_bytes", "--", "evaluation")):
-            pts = [(r["step"], r[key] / 2**20) for r in recs if r.get(key)]
-            if pts:
-                mem_ax.plot(*zip(*pts), color=color, ls=style, marker=".",
-                            label=f"{run.name} {phase}")
-    loss_ax.set(xlabel="tokens", ylabel="loss (nats per token)", title="loss")
-    mem_ax.set(xlabel="step", ylabel="MiB", title="peak memory (allocated)")
-    if mem_ax.has_data():
-        mem_ax.set_ylim(bottom=0)
-    for ax, where in ((loss_ax, "upper right"), (mem_ax, "lower right")):  # memory: flat, high
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8, loc=where)
-        else:
-            ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=ax.transAxes)
+    """One PNG (fitgpt.plots.plot_runs): train and val loss against tokens, and each phase's
+    measured peak memory beside its prediction; one colour per run."""
+    from fitgpt.plots import plot_runs as draw
+
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return draw([read_run(p) for p in paths], out)
 
 
 # ----------------------------------------------------------------------------- commands
 
 def cmd_plot(args: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fitgpt plot", description=(
-        "Train/val loss against tokens and peak memory against step, for one run or several "
-        "compared. Needs matplotlib: pip install 'fitgpt[plot]'."))
+        "Train/val loss against tokens and each phase's peak memory against its prediction, for "
+        "one run or several compared."))
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="PNG to write (default: RUN_DIR/plots.png for one run, "
                                  "plots.png here for several)")
@@ -185,6 +156,8 @@ def cmd_plot(args: list[str]) -> int:
         if not is_run(d):
             raise FitError(f"{d}: not a run folder (no config.toml, metrics.jsonl or summary.json)")
     out = Path(a.out) if a.out else (paths[0] / "plots.png" if len(paths) == 1 else Path("plots.png"))
+    if out.suffix.lower() != ".png":
+        raise FitError(f"--out {out}: the picture is a PNG; give a file name ending in .png")
     from fitgpt.log import say
 
     say(f"wrote {plot_runs(paths, out)}")

@@ -6,6 +6,11 @@ same two files (byte for byte: tiktoken's own sha256 checks pass), so :func:`gpt
 the encoding from them first and only falls back to tiktoken's download when they are absent.
 The package is located with :func:`importlib.util.find_spec` and never imported (its Python code
 pins old dependencies; only its data files are used).
+
+Character-level nanoGPT datasets (shakespeare_char) carry their own vocabulary instead: a
+``meta.pkl`` beside train.bin and val.bin. :func:`find_meta` reads it as plain data (a pickle
+that would run code is refused) into a :class:`CharVocab`, which `fitgpt sample`, `fitgpt eval`
+(bits per byte), `fitgpt export` and the end-of-run sample use in place of GPT-2's BPE.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import functools
 import importlib.util
 import logging
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 import tiktoken.load
 
@@ -140,3 +147,108 @@ def gpt2_encoding() -> tiktoken.Encoding:
             f"cannot load the GPT-2 tokenizer ({reason}; tiktoken download failed: "
             f"{type(exc).__name__}): {_INSTALL_HINT}"
         ) from exc
+
+
+# ----------------------------------------------------------------------------- nanoGPT meta.pkl
+
+#: The file nanoGPT's character-level `prepare.py` writes beside train.bin and val.bin.
+META_FILE = "meta.pkl"
+
+
+class _PlainData(pickle.Unpickler):
+    """Unpickles dicts, strings and numbers only. A pickle names a class or function (which
+    unpickling would import and call: how a pickle runs code) only through find_class, so
+    refusing every name refuses every payload before anything runs."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which unpickling would import "
+                                     f"and run")
+
+
+class CharVocab:
+    """A character-level vocabulary from nanoGPT's meta.pkl: `stoi` (character -> id) and
+    `itos` (id -> character), as nanoGPT's shakespeare_char `prepare.py` writes them. Encoding
+    and decoding are nanoGPT's own: one id per character, ids joined back into text."""
+
+    def __init__(self, stoi: dict[str, int], itos: dict[int, str], path: Path):
+        self.stoi, self.itos, self.path = stoi, itos, path
+        self.n_vocab = max(itos) + 1
+
+    def encode(self, text: str) -> list[int]:
+        """One id per character; a character the dataset never had is a DataError naming it."""
+        missing = sorted({c for c in text if c not in self.stoi})
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise DataError(f"the prompt has characters that are not in the vocabulary of "
+                            f"{self.path} ({len(self.stoi)} characters): {shown}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        """The characters of the ids (an id the vocabulary lacks is dropped)."""
+        return "".join(self.itos.get(i, "") for i in ids)
+
+    def byte_table(self, size: int) -> np.ndarray:
+        """UTF-8 bytes of each id's character, `size` entries (0 for ids it lacks): bits per
+        byte's denominator."""
+        table = np.zeros(max(size, self.n_vocab), dtype=np.int64)
+        for i, s in self.itos.items():
+            table[i] = len(s.encode("utf-8"))
+        return table
+
+
+def read_meta(path: Path) -> CharVocab:
+    """nanoGPT's meta.pkl, read as plain data: a pickle that would import anything is refused
+    before any of it runs, and the content must be {vocab_size: int, stoi: {str: int},
+    itos: {int: str}} with stoi and itos inverse to each other.
+
+    Raises:
+        DataError: not such a file; one line that says why.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            meta = _PlainData(f).load()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's
+        raise DataError(f"{path}: not a plain nanoGPT meta.pkl, refused ({e})") from None
+    stoi = meta.get("stoi") if isinstance(meta, dict) else None
+    itos = meta.get("itos") if isinstance(meta, dict) else None
+    ok = (isinstance(stoi, dict) and isinstance(itos, dict) and itos
+          and all(type(k) is str and type(v) is int for k, v in stoi.items())
+          and all(type(k) is int and k >= 0 and type(v) is str for k, v in itos.items()))
+    if not ok:
+        raise DataError(f"{path}: not a character-level nanoGPT meta.pkl (expected a dict with "
+                        f"stoi {{str: int}} and itos {{int: str}})")
+    if any(itos.get(i) != s for s, i in stoi.items()):
+        raise DataError(f"{path}: its stoi and itos disagree (stoi[c] = i needs itos[i] = c)")
+    vocab = CharVocab(stoi, itos, path)
+    size = meta.get("vocab_size", vocab.n_vocab)
+    if type(size) is not int or size < vocab.n_vocab:
+        raise DataError(f"{path}: vocab_size {size!r} is smaller than its {vocab.n_vocab} ids")
+    return vocab
+
+
+def find_meta(data_dir: str | os.PathLike[str] | None) -> CharVocab | None:
+    """The vocabulary of `<data_dir>/meta.pkl` when the data folder has one (nanoGPT's sample.py
+    looks in the same place: data/<dataset>/meta.pkl); None otherwise, and for the built-in
+    demo, which is GPT-2 text."""
+    if data_dir is None or str(data_dir) == "demo":
+        return None
+    path = Path(data_dir).expanduser() / META_FILE
+    return read_meta(path) if path.is_file() else None
+
+
+class Gpt2Text:
+    """GPT-2's BPE behind the two calls CharVocab has, as sampling uses them: encode a prompt
+    (end-of-text allowed; an empty prompt is end-of-text) and decode generated ids (ids past
+    the vocabulary, the embedding's padding rows, are dropped)."""
+
+    def __init__(self, enc: tiktoken.Encoding):
+        self.enc, self.n_vocab = enc, enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"}) or [self.enc.eot_token]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode([t for t in ids if t < self.n_vocab])

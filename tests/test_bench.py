@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -46,7 +47,13 @@ def test_bench_json_has_every_column_finite_and_positive(tiny_result):
         assert len(row["tokens_per_s_repeats"]) == 2
         assert row["mfu"] is None  # a CPU has no peak FLOP/s in the card table
     first, second = r["rows"]
-    assert first["speed_ratio"] == 1.0 and first["train_memory_ratio"] == 1.0
+    # the ratios are the second variant's figures over the first's (speed: within each repeat)
+    assert second["train_memory_ratio"] == pytest.approx(second["train_peak"] / first["train_peak"])
+    assert second["eval_memory_ratio"] == pytest.approx(second["eval_peak"] / first["eval_peak"])
+    per_repeat = [a / b for a, b in zip(second["tokens_per_s_repeats"], first["tokens_per_s_repeats"])]
+    assert second["speed_ratio"] == pytest.approx(statistics.median(per_repeat))
+    # the chunked loss with checkpointing holds less than full logits: its ratio says so
+    assert second["train_peak"] < first["train_peak"] and second["train_memory_ratio"] < 1
     assert (first["loss"], first["checkpointing"]) == ("full", False)
     assert (second["loss"], second["checkpointing"]) == ("chunked", True)
     # the same seeded synthetic tokens and weights: both variants see the same losses

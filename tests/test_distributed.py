@@ -175,7 +175,12 @@ def test_stop_requested_in_one_process_stops_all_at_the_same_step(shards, tmp_pa
 
 def test_fsdp2_on_cpu(shards, tmp_path):
     """FSDP2 (fully_shard per block and root) trains on 2 CPU ranks and matches one process;
-    its checkpoint (gathered to rank 0) resumes in one process."""
+    its checkpoint (gathered to rank 0) resumes in one process. It runs on gloo in the torch
+    this project installs (2.13); a torch without FSDP2's public `fully_shard` (before 2.6) is
+    the one expected reason to skip. Any other failure, a NotImplementedError included, fails."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6)")
     common = dict(train__max_steps=4, train__lr_decay_steps=4, eval__interval=2)
     single = run(tiny_config(shards, tmp_path / "one", **common))
     cfg = tiny_config(shards, tmp_path / "fsdp", **common)
@@ -183,8 +188,6 @@ def test_fsdp2_on_cpu(shards, tmp_path):
     path = tmp_path / "fsdp.toml"
     path.write_text(to_toml(cfg))
     proc = torchrun(["train", str(path)])
-    if proc.returncode != 0 and ("not supported" in proc.stderr or "NotImplementedError" in proc.stderr):
-        pytest.skip("FSDP2 does not run on CPU/gloo in this torch: " + proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = records(tmp_path / "fsdp" / "run", "train", "loss")
     np.testing.assert_allclose(got, records(Path(single["run_dir"]), "train", "loss"), rtol=1e-5)

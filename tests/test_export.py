@@ -92,3 +92,34 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path):
     sd["transformer.h.0.attn.rotary.inv_freq"] = torch.ones(4)
     with pytest.raises(ExportError, match="unexpected transformer.h.0.attn.rotary"):
         export_hf(cfg, sd, tmp_path / "b")
+
+
+def test_char_level_model_exports_with_its_vocabulary(tmp_path, capsys):
+    """Guards exporting a character-level nanoGPT dataset's model: the weights load in
+    transformers with the same logits, and char_vocab.json carries meta.pkl's itos (no GPT-2
+    tokenizer files, which would decode its ids as the wrong text), with a note saying so."""
+    from test_sample import write_char_dataset
+
+    itos = write_char_dataset(tmp_path / "data")
+    cfg, model = perturbed(vocab=len(itos), block=32)
+    cfg.data.dir = str(tmp_path / "data")
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg)}, ckpt)
+    out = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(ckpt), "--to", "hf", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "character-level model" in printed and "char_vocab.json" in printed
+    assert not (out / "vocab.json").exists() and not (out / "merges.txt").exists()
+    chars = json.loads((out / "char_vocab.json").read_text())
+    assert chars["itos"] == [itos[i] for i in range(len(itos))] and "\u00e9" in chars["itos"]
+    x = torch.randint(0, len(itos), (2, 32))
+    assert (hf_logits(out, x) - fitgpt_logits(model, x)[..., :len(itos)]).abs().max() <= 1e-4
+
+    (tmp_path / "other").mkdir()  # a meta.pkl of more characters than the model has ids
+    import pickle
+
+    (tmp_path / "other" / "meta.pkl").write_bytes(pickle.dumps(
+        {"vocab_size": 300, "stoi": {chr(i): i for i in range(300)}, "itos": {i: chr(i) for i in range(300)}}))
+    assert main(["export", "--ckpt", str(ckpt), "--to", "hf", str(tmp_path / "hf2"),
+                 f"--data.dir={tmp_path / 'other'}"]) == 2
+    assert "more than this model's" in capsys.readouterr().err and not (tmp_path / "hf2").exists()

@@ -21,7 +21,6 @@ from fitgpt.errors import ConfigError
 from fitgpt.evaluate import EvalResult, evaluate, token_bytes
 from fitgpt.log import RunLog
 from fitgpt.memory.fit import flops_per_token
-from fitgpt.memory.gpus import Gpu
 from fitgpt.runs import list_runs, params_of, runs_table
 from fitgpt.runtime import Runtime, build_model
 from fitgpt.tokenizer import gpt2_encoding
@@ -64,26 +63,49 @@ def test_bpb_is_none_for_a_non_gpt2_vocabulary(shard_dir):
     assert res.bpb is None and res.loss > 0
 
 
-def test_mfu_uses_the_card_peak_and_is_none_on_cpu(monkeypatch):
-    """Guards MFU = training FLOPs per token x tokens/s / the card's 16-bit peak, the FLOPs
-    being the model's own count; None on a CPU."""
+def test_mfu_matches_nanogpts_estimate_for_gpt2_124m(monkeypatch):
+    """Guards MFU against a number worked out by hand with nanoGPT's estimate_mfu (PaLM's
+    appendix B count), not against fitgpt's own formula: GPT-2 124M as nanoGPT builds it
+    (12 layers, 12 heads, n_embd 768, block 1024, bias, vocab 50257 padded to 50304) at
+    100,000 tokens/s on an A100 (bf16 peak 312 TFLOP/s, the card table's figure). None on a CPU.
+
+    N = nanoGPT's get_num_params() (position embeddings left out, the tied wte counted once):
+      blocks 12 x (12 x 768^2 + 13 x 768) = 12 x 7,087,872 = 85,054,464
+      + ln_f 2 x 768 = 1,536, + wte 50,304 x 768 = 38,633,472      -> N = 123,689,472
+    flops per token = 6N + 12 L H Q T = 742,136,832 + 12 x 12 x 12 x 64 x 1024 (113,246,208)
+                    = 855,383,040
+    MFU = 855,383,040 x 100,000 / 312e12 = 8.5538304e13 / 3.12e14 = 0.27416123..."""
+    from fitgpt.memory.gpus import find_gpu
+
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = Config()
-    model = build_model(tiny_config("d", "o"), torch.device("cpu"))
-    assert flops_per_token(tiny_config("d", "o")) == model.flops_per_token()
+    m = cfg.model
+    m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias = 12, 12, 768, 1024, True
+    m.vocab_size, m.vocab_multiple = 50257, 64
+    assert flops_per_token(cfg) == 855_383_040
     cfg.train.device = "cpu"
     assert report.mfu(cfg, 1e5) is None
     report.peak_flops.cache_clear()
+    # no GPU here: the card is the table's A100, as current_gpu would report it on one
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr("fitgpt.memory.gpus.current_gpu", lambda i: Gpu("H100", 80 * 2**30, True, 989.0))
+    monkeypatch.setattr("fitgpt.memory.gpus.current_gpu", lambda i: find_gpu("a100-80gb"))
     try:
         cfg.train.device = "auto"
-        assert report.mfu(cfg, 1e5) == pytest.approx(flops_per_token(cfg) * 1e5 / 989e12)
+        assert report.mfu(cfg, 1e5) == pytest.approx(0.27416123076923077, rel=1e-12)
         monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun: tokens/s of 4 cards together
-        assert report.mfu(cfg, 1e5) == pytest.approx(flops_per_token(cfg) * 1e5 / 989e12 / 4)
+        assert report.mfu(cfg, 1e5) == pytest.approx(0.27416123076923077 / 4, rel=1e-12)
     finally:
         report.peak_flops.cache_clear()
+
+
+def test_model_counts_the_flops_the_planner_counts():
+    """The model's own FLOPs count (from its parameters) and the planner's (from the config,
+    without building a model) agree, with and without bias."""
+    for bias in (False, True):
+        cfg = tiny_config("d", "o")
+        cfg.model.bias = bias
+        assert flops_per_token(cfg) == build_model(cfg, torch.device("cpu")).flops_per_token()
 
 
 def records(run_dir):
@@ -107,7 +129,10 @@ def test_records_carry_mfu_and_bpb_and_go_to_tensorboard(tmp_path, monkeypatch):
     log.close()
     trackers.finish()
     train, ev = records(tmp_path)
-    assert train["mfu"] == pytest.approx(flops_per_token(cfg) * cfg.tokens_per_step / 0.5 / 1e12)
+    # tiny config (2 layers, n_embd 32, block 32, vocab 256, no bias), by hand: 6 x (2 x (12 x 32^2
+    # + 2 x 32) + 32) + 6 x 256 x 32 + 12 x 2 x 32 x 32 = 148,416 + 49,152 + 24,576 = 222,144
+    # FLOPs per token; 4 x 2 x 32 = 256 tokens in 0.5 s = 512 tok/s; over the 1e12 peak:
+    assert train["mfu"] == pytest.approx(222_144 * 512 / 1e12, rel=1e-12)
     assert ev["val_bpb"] == 1.125
     assert "bpb 1.1250" in (tmp_path / "train.log").read_text()
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -135,14 +160,19 @@ def test_missing_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
 
 
 def test_run_plots_and_runs_listing(shard_dir, tmp_path, capsys, monkeypatch):
-    """Guards the end-of-run plot hook, `fitgpt plot` for several runs, and `fitgpt runs`
-    (a run without summary.json is 'running or killed'); plotting without matplotlib is a
-    one-line error naming the extra, and the hook then skips silently."""
+    """Guards plots.png at the end of every run (matplotlib is a dependency), `fitgpt plot` for
+    several runs, and `fitgpt runs` (a run without summary.json is 'running or killed'); with
+    matplotlib missing (a broken install), plotting is a one-line error saying what to install,
+    and the end-of-run hook a note."""
+    from test_plots import distinct_colours, png_size
+
     cfg = tiny_config(shard_dir, tmp_path / "runs")
     summary = run(cfg)
     run_dir = tmp_path / "runs" / "run"
+    assert "plots.png" in capsys.readouterr().out  # the closing lines name it
+    assert png_size(run_dir / "plots.png") == (1320, 495)  # 12 x 4.5 inches at 110 dpi
+    assert (run_dir / "plots.png").stat().st_size > 20_000 and distinct_colours(run_dir / "plots.png") > 20
     assert report.finish_plots(run_dir) == run_dir / "plots.png"
-    assert (run_dir / "plots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recs = records(run_dir)
     assert all("mfu" in r and r["mfu"] is None for r in recs if r["kind"] == "train")
     assert all("val_bpb" in r for r in recs if r["kind"] == "eval")
@@ -164,7 +194,8 @@ def test_run_plots_and_runs_listing(shard_dir, tmp_path, capsys, monkeypatch):
     assert main(["plot", str(tmp_path)]) == 2  # not a run folder
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
-    assert report.finish_plots(run_dir) is None
     capsys.readouterr()
+    assert report.finish_plots(run_dir) is None
+    assert "note: no plots.png: plotting needs matplotlib" in capsys.readouterr().out
     assert main(["plot", str(run_dir)]) == 2
-    assert "fitgpt[plot]" in capsys.readouterr().err
+    assert "pip install matplotlib" in capsys.readouterr().err

@@ -112,8 +112,160 @@ def test_sample_command(tmp_path, capsys):
 
 
 def test_sample_refuses_a_non_gpt2_vocabulary(tmp_path, capsys):
-    """Guards decoding garbage: a 256-id model's tokens are not GPT-2 text."""
+    """Guards decoding garbage: a 256-id model's tokens are not GPT-2 text, and without a
+    meta.pkl in its data folder there is nothing else to decode them with."""
     cfg, model = tiny()
+    cfg.data.dir = str(tmp_path)
     ckpt = save_ckpt(tmp_path / "m.pt", cfg, model)
     assert main(["sample", "--ckpt", str(ckpt)]) == 2
-    assert "not GPT-2's" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fewer than GPT-2's 50257" in err and "no meta.pkl" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- char-level data
+
+CHAR_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+             "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and "
+             "Juliet is the sun; the caf\u00e9 is closed.\n\n")
+
+
+def write_char_dataset(folder):
+    """A character-level dataset exactly as nanoGPT's data/shakespeare_char/prepare.py writes
+    one: train.bin and val.bin (headerless uint16, the first 90 % and the last 10 %) and
+    meta.pkl (vocab_size, itos, stoi) written by pickle. Returns itos."""
+    import pickle
+
+    import numpy as np
+
+    data = CHAR_TEXT * 60
+    chars = sorted(set(data))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+    n = len(data)
+    folder.mkdir(parents=True)
+    np.array([stoi[c] for c in data[:int(n * 0.9)]], dtype=np.uint16).tofile(folder / "train.bin")
+    np.array([stoi[c] for c in data[int(n * 0.9):]], dtype=np.uint16).tofile(folder / "val.bin")
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, f)
+    return itos
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    """(run summary, itos, data folder): a tiny model trained 3 steps on the char dataset,
+    with the end-of-run sample on; shared by the tests below (none of them changes it)."""
+    from conftest import tiny_config
+
+    from fitgpt.train import run
+
+    root = tmp_path_factory.mktemp("char")
+    data = root / "data" / "shakespeare_char"
+    itos = write_char_dataset(data)
+    cfg = tiny_config(data, root / "out", train__max_steps=3, eval__sample_tokens=24,
+                      eval__sample_prompt="ROMEO:")
+    cfg.model.vocab_size = len(itos)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FITGPT_CACHE", str(root / "cache"))
+        return run(cfg), itos, data
+
+
+def test_char_level_dataset_samples_through_its_meta_pkl(char_run, capsys):
+    """Guards sampling a character-level nanoGPT dataset's model: the prompt is encoded and the
+    output decoded with meta.pkl's stoi/itos (as nanoGPT's sample.py does), both by `fitgpt
+    sample` and by the end-of-run sample; checked against the model's own greedy ids decoded
+    here through the pickled itos."""
+    from fitgpt.resume import load_model
+
+    summary, itos, _ = char_run
+    assert summary["sample"].startswith("ROMEO:")
+    assert len(summary["sample"]) == len("ROMEO:") + 24 and set(summary["sample"]) <= set(itos.values())
+    run_dir = summary["run_dir"]
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                 "--temperature", "1", "--top-k", "0", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "character-level vocabulary of" in out
+    stoi = {c: i for i, c in itos.items()}
+    _, model, _ = load_model(run_dir, [], [])
+    ids = model.generate(torch.tensor([[stoi[c] for c in "ROMEO:"]]), 30, temperature=1.0,
+                         generator=torch.Generator().manual_seed(5), vocab_limit=len(itos),
+                         kv_cache=True)[0].tolist()
+    assert out.endswith("".join(itos[i] for i in ids) + "\n")
+    assert len(set(ids[6:])) >= 2  # a real text, not one repeated id
+
+    assert main(["sample", "--ckpt", run_dir, "--prompt", "ROMEO~"]) == 2  # no '~' in the data
+    err = capsys.readouterr().err
+    assert "'~'" in err and "meta.pkl" in err and len(err.splitlines()) == 1
+
+
+def test_nanogpt_char_checkpoint_samples_from_data_dataset_meta(char_run, tmp_path, capsys, monkeypatch):
+    """Guards nanoGPT's own layout: out-shakespeare-char/ckpt.pt with config dataset
+    'shakespeare_char' finds data/shakespeare_char/meta.pkl from where it runs, as nanoGPT's
+    sample.py does, and decodes through it."""
+    import shutil
+
+    from fitgpt.checkpoint import load_checkpoint
+
+    summary, itos, data = char_run
+    shutil.copytree(data, tmp_path / "data" / "shakespeare_char")
+    sd = load_checkpoint(summary["run_dir"])["model"]
+    args = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "bias": False,
+            "vocab_size": len(itos), "dropout": 0.0}
+    (tmp_path / "out-shakespeare-char").mkdir()
+    torch.save({"model": {k: v[:len(itos)] if k.endswith("wte.weight") or k == "lm_head.weight" else v
+                          for k, v in sd.items()},
+                "model_args": args, "iter_num": 3, "best_val_loss": 9.9,
+                "config": {"dataset": "shakespeare_char", "batch_size": 4, "block_size": 32}},
+               tmp_path / "out-shakespeare-char" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--ckpt", "out-shakespeare-char", "--prompt", "ROMEO:",
+                 "--max-new-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "data/shakespeare_char/meta.pkl" in out
+    text = out[out.index("\nROMEO:") + 1:-1]  # the sample: the last thing printed
+    assert len(text) == len("ROMEO:") + 20 and set(text) <= set(itos.values())
+
+
+def test_char_level_eval_reports_bits_per_byte(char_run, capsys):
+    """Guards `fitgpt eval` on a character-level dataset: bits per byte from meta.pkl's
+    characters (each its UTF-8 bytes: 'é' is 2), summed nats over ln 2 x those bytes."""
+    import math
+
+    import numpy as np
+
+    from fitgpt.data import ValWindows, find_splits
+    from fitgpt.resume import eval_checkpoint
+
+    summary, itos, data = char_run
+    res = eval_checkpoint(summary["run_dir"], [])
+    val = ValWindows(find_splits(data)[1], 32, 512 // 32)  # tiny_config: block 32, eval tokens 512
+    targets = np.concatenate([y.numpy().ravel() for _, y in val.batches(5)])
+    text = "".join(itos[int(t)] for t in targets)
+    assert "\u00e9" in text and len(text.encode()) > len(text)  # the check sees a 2-byte character
+    assert res["val_bpb"] == pytest.approx(res["val_loss"] * res["tokens"] / (math.log(2) * len(text.encode())))
+    assert "bits per byte" in capsys.readouterr().out
+
+
+def test_meta_pkl_with_code_is_refused_and_nothing_runs(char_run, tmp_path, capsys, monkeypatch):
+    """Guards reading meta.pkl as data: a pickle whose payload would run a command is refused
+    with one line (exit 2) before anything runs."""
+    import pickle
+
+    summary, _, _ = char_run
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("BOOM_MARKER", str(marker))
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "meta.pkl").write_bytes(pickle.dumps(_Payload()))
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", summary["run_dir"], "--prompt", "ROMEO:",
+                 f"--data.dir={tmp_path / 'evil'}"]) == 2
+    err = capsys.readouterr().err
+    assert "not a plain nanoGPT meta.pkl" in err and "posix.system" in err and len(err.splitlines()) == 1
+    assert not marker.exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {os.environ['BOOM_MARKER']}",))
