@@ -59,8 +59,12 @@ def init(device: str, backend: str = "auto") -> tuple[World, str]:
     elif device == "auto":
         device = "cpu"
     backend = backend if backend != "auto" else ("nccl" if cuda else "gloo")
-    if backend == "nccl" and not cuda:
-        raise ConfigError("parallel.backend=nccl needs CUDA devices; use --parallel.backend=gloo on CPU")
+    if backend == "nccl" and not cuda:  # nanoGPT's default `backend = 'nccl'`, on a CPU run
+        from fitgpt.log import say
+
+        say("note: parallel.backend=nccl needs CUDA devices and this run is on the CPU: using gloo, "
+            "the CPU's backend (--parallel.backend=auto picks it without this note)")
+        backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return world, device
@@ -98,6 +102,21 @@ def wrap(model: torch.nn.Module, mode: str, world: World, rt) -> torch.nn.Module
         fully_shard(model, mp_policy=policy)
         return model
     raise ConfigError(f"parallel.mode: expected single, ddp or fsdp, got {mode!r}")
+
+
+def grad_scaler(rt, fsdp: bool) -> torch.amp.GradScaler:
+    """float16's loss scaler (disabled for other dtypes). Under FSDP2 each process holds only
+    its own shards of the gradients, and the processes must agree on skipping an overflowing
+    step, or their shards and scales part. ShardedGradScaler, PyTorch's scaler for FSDP,
+    all-reduces what each process found. (In torch 2.13 DTensor's inf check already reduces it
+    for a plain GradScaler too, through a private dispatch rule; the sharded scaler does not
+    depend on that.) tests/test_fsdp_fp16.py runs it with 2 processes."""
+    enabled = rt.dtype == torch.float16
+    if fsdp and enabled:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(rt.device_type)
+    return torch.amp.GradScaler(rt.device_type, enabled=enabled)
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
@@ -189,10 +208,14 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """torchrun running `fitgpt ARGV` in nproc processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "fitgpt", *argv]
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """`fitgpt train --nproc N ...`: run the same command under torchrun on this machine."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "fitgpt", *argv]
-    return subprocess.call(cmd)
+    return subprocess.call(torchrun_command(nproc, argv))

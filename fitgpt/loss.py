@@ -12,6 +12,13 @@ row chunk), so it costs no extra compute.
 Both functions cast explicitly (matmul in the autocast dtype, softmax in fp32), so the memory they
 use is the same on every device whatever the autocast policy for cross-entropy is there.
 Targets equal to -1 are ignored.
+
+In float16 the chunked path must not overflow where the full path does not. The full path
+divides by the token count (and multiplies by GradScaler's scale) before its 16-bit backward
+matmuls; the chunked one forms its gradients in the forward pass, before either is known. So it
+keeps them as sums (softmax minus one-hot, each entry within [-1, 1], is well represented in
+16 bits), never rounds a sum over rows to 16 bits (the lm_head weight gradient is summed in
+fp32), and applies 1/count and the loss scale once, in fp32, in backward.
 """
 
 from __future__ import annotations
@@ -82,32 +89,52 @@ def _chunks(h, weight, targets, chunk, dtype, grads):
             gh.copy_(g @ w)
         gh.mul_(keep)
         hk = hc * keep
-        if dtype == acc:
-            grad_w.addmm_(g.t(), hk)
-        else:
-            grad_w += (g.t() @ hk).to(acc)
+        _add_weight_grad(grad_w, g, probs, hk)
         del logp, probs, g, hk  # free this chunk before the next one is allocated
     return total, grad_h, grad_w
 
 
+def _add_weight_grad(grad_w, g, probs, hk):
+    """grad_w += g.T @ hk for one chunk, the sum over its rows never rounded to 16 bits.
+
+    One entry of the product can reach rows x max|h| (4096 rows with |h| = 40 give 163840,
+    beyond float16's 65504) where the full path, which divides by the token count first, gives
+    40. On CUDA: one GEMM with 16-bit inputs and an fp32 output (`out_dtype`), the speed of the
+    16-bit GEMM. Elsewhere (the CPU has no such GEMM): the fp32 GEMM from the fp32 softmax,
+    which on a CPU is no slower than bfloat16's GEMM and many times faster than float16's."""
+    if g.dtype == grad_w.dtype:  # fp32 (or fp64) without autocast
+        grad_w.addmm_(g.t(), hk)
+    elif g.is_cuda:
+        grad_w += torch.mm(g.t(), hk, out_dtype=grad_w.dtype)
+    else:
+        grad_w.addmm_(probs.t(), hk.to(grad_w.dtype))
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and the gradients of the summed loss; backward scales them.
+
+    The gradients are saved as sums (not yet divided by the token count): backward multiplies
+    them by grad_out / count in fp32, so the loss scale (GradScaler's 65536 is inf in float16)
+    and 1/count (subnormal in float16 for large batches) never pass through 16 bits alone, and
+    a 16-bit hidden-state gradient is rounded after the scaling, as the full path's is."""
+
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, dtype, mean):
         total, grad_h, grad_w = _chunks(h, weight, targets, chunk, dtype, grads=True)
-        if mean:
-            count = (targets != -1).sum().clamp(min=1).to(total.dtype)
-            total = total / count
-            grad_h.div_(count)
-            grad_w.div_(count)
-        ctx.save_for_backward(grad_h, grad_w)
+        count = (targets != -1).sum().clamp(min=1).to(total.dtype) if mean else None
+        ctx.save_for_backward(grad_h, grad_w, count)
         ctx.weight_dtype = weight.dtype
-        return total
+        return total / count if mean else total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype),
-                None, None, None, None)
+        grad_h, grad_w, count = ctx.saved_tensors
+        factor = grad_out / count if count is not None else grad_out  # fp32 (fp64 for fp64)
+        if grad_h.dtype == factor.dtype:
+            grad_h = grad_h * factor
+        else:  # 16-bit h: scale in fp32, then round
+            grad_h = grad_h.to(factor.dtype).mul_(factor).to(grad_h.dtype)
+        return grad_h, (grad_w * factor).to(ctx.weight_dtype), None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
