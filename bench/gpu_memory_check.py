@@ -82,10 +82,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def predictions(dtype: str) -> list[dict[str, Any]]:
+def predictions(dtype: str, gpu=None) -> list[dict[str, Any]]:
+    """The grid's predicted peaks on a card (its architecture sizes the cuBLAS workspaces; None:
+    unknown, the larger size)."""
     rows = []
     for name, *setting in GRID:
-        est = estimate(seed_config(*setting, dtype=dtype), "cuda", dtype)
+        est = estimate(seed_config(*setting, dtype=dtype), "cuda", dtype, gpu)
         row = {"name": name, "setting": setting}
         for ph in ("train", "eval"):
             pe = getattr(est, ph)
@@ -102,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--cap-gib", type=float, default=12.0, help="allocator cap (0: none)")
     ap.add_argument("--only", type=int, nargs="*", help="run only these grid rows (0-based)")
+    ap.add_argument("--gpu", help="--dry-run: the card to predict for (e.g. rtx4070, h100)")
     args = ap.parse_args(argv)
-    rows = predictions(args.dtype)
+    from fitgpt.memory.gpus import find_gpu
+
+    rows = predictions(args.dtype, find_gpu(args.gpu) if args.gpu else None)
     if args.only:
         rows = [rows[i] for i in args.only]
     if args.dry_run:
@@ -129,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         cfg = seed_config(*row["setting"], dtype=args.dtype)
         res = verify(cfg, steps=3, catch_oom=True)
-        for ph in ("train", "eval"):
-            row[ph].update({k: v for k, v in res[ph].items() if k.startswith(("measured", "error"))})
+        for ph in ("train", "eval"):  # verify's prediction is for this very card
+            row[ph].update(res[ph])
         row["seconds"] = round(time.perf_counter() - t0, 1)
         say(f"{row['name']}: train {_cell(row['train'].get('measured_allocated'))}, eval "
             f"{_cell(row['eval'].get('measured_allocated'))} ({row['seconds']} s)")

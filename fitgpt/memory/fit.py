@@ -14,6 +14,8 @@ relative throughput model (`predicted_throughput`). Pure Python: no torch.
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fitgpt.config import Config
@@ -82,8 +84,6 @@ class Proposal:
     @property
     def peak(self) -> int:
         """What must fit: the larger phase (only the evaluation for an eval-only run)."""
-        if self.config is not None and self.config.train.eval_only:
-            return self.estimate.eval.total
         return self.estimate.peak
 
 
@@ -118,7 +118,22 @@ def overrides_of(cfg: Config, new: Config) -> list[str]:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n, ascending, from its factors (trial division up to 10^6: a cofactor
+    left above that is taken as prime, so a few divisors of a huge n may be missed; the cost
+    never grows with n)."""
+    factors: dict[int, int] = {}
+    m, p = n, 2
+    while p * p <= m and p <= 10**6:
+        while m % p == 0:
+            factors[p] = factors.get(p, 0) + 1
+            m //= p
+        p += 1 if p == 2 else 2
+    if m > 1:
+        factors[m] = factors.get(m, 0) + 1
+    out = [1]
+    for p, e in factors.items():
+        out = [d * p**i for d in out for i in range(e + 1)]
+    return sorted(out)
 
 
 class Search:
@@ -134,7 +149,7 @@ class Search:
         key = tuple(sorted(changes.items()))
         if key not in self._cache:
             new = apply(self.cfg, changes)
-            self._cache[key] = (new, estimate(new, self.device_type, self.dtype))
+            self._cache[key] = (new, estimate(new, self.device_type, self.dtype, self.gpu))
         return self._cache[key]
 
     def fits(self, est: Estimate) -> bool:
@@ -151,7 +166,7 @@ class Search:
         hi = self.cfg.eval_batch_size
         if ok(hi):
             return hi
-        good = last_true(list(range(1, hi)), ok)
+        good = last_true(range(1, hi), ok)
         return None if good is None else good
 
     def largest_micro(self, changes: dict[str, object]) -> int | None:
@@ -178,7 +193,7 @@ class Search:
                         predicted_throughput(new, self.gpu) / self.base, changes_model, new)
 
 
-def last_true(items: list, ok) -> object | None:
+def last_true(items: Sequence, ok) -> object | None:
     """The last item for which ok holds, when ok holds for a prefix of items (bisection)."""
     lo, hi = -1, len(items)  # ok(items[lo]) holds (or lo = -1); ok(items[hi]) fails (or hi = len)
     while hi - lo > 1:
@@ -267,8 +282,9 @@ def _smaller_models(search: Search) -> list[Proposal]:
     floor = {"memory.loss": "chunked", "memory.checkpointing": True, **search.micro(1),
              "eval.batch_size": 1}
     out = []
-    widths = [c for c in range(8, m.n_embd, 8) if c % m.n_head == 0]
-    for key, values in (("model.n_embd", widths), ("model.n_layer", list(range(1, m.n_layer)))):
+    step = 8 * m.n_head // math.gcd(8, m.n_head)  # widths divisible by 8 and by the heads
+    widths = range(step, m.n_embd, step)
+    for key, values in (("model.n_embd", widths), ("model.n_layer", range(1, m.n_layer))):
         v = last_true(values, lambda v, key=key: search.fits(search.run({**floor, key: v})[1]))
         if v is not None:
             name = key.split(".")[1]
@@ -309,7 +325,10 @@ def auto_fit(cfg: Config, budget_bytes: int, headroom: float, *, device_type: st
     eb = search.eval_batch(base)  # evaluation does not depend on the training settings
     ev = {} if eb in (None, cfg.eval_batch_size) else {"eval.batch_size": eb}
     best, best_key = None, None
-    for ck in ({}, {"memory.checkpointing": not cfg.memory.checkpointing}):
+    choices = ({}, {"memory.checkpointing": not cfg.memory.checkpointing})
+    if cfg.train.eval_only:  # only the evaluation runs: only its settings matter
+        best, choices = (None if eb is None else {**base, **ev}), ()
+    for ck in choices:
         largest = search.largest_micro({**base, **ck}) if eb is not None else None
         for b in divisors(search.seqs) if largest else []:
             if b > largest:  # every micro-batch up to the largest fits: rank them by speed
@@ -337,6 +356,7 @@ def _lines(cfg: Config, new: Config, orig: Estimate, est: Estimate, limit: int, 
            search: Search) -> list[str]:
     """Human lines: each change and why, then the result."""
     too_big = {ph: getattr(orig, ph).total > limit for ph in ("train", "eval")}
+    too_big["train"] = too_big["train"] and not cfg.train.eval_only
     why_train = (f"training peak {fmt_bytes(orig.train.total)} > {fmt_bytes(limit)} budget"
                  if too_big["train"] else
                  f"predicted throughput x{predicted_throughput(new, search.gpu) / search.base:.2f}")

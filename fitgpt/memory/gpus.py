@@ -15,14 +15,19 @@ A10/L4/L40S/T4/V100/A100/H100/H200 datasheets, codesota.com for the RTX 5090 (20
 baseten.co's "A10 vs A10G" for the A10G (70: AWS's variant has a reduced tensor rate).
 The planner only compares configurations on one card, so these numbers scale its relative
 throughput column; they never change which configuration is preferred.
+
+The compute capability decides the size of PyTorch's cuBLAS workspaces (`cublas_workspace`),
+which the caching allocator hands out and `max_memory_allocated` counts.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fitgpt.errors import ConfigError
@@ -40,50 +45,77 @@ class Gpu:
     tflops: float | None = None  # dense 16-bit tensor TFLOP/s, fp32 accumulate
     key: str = ""  # the table's id, e.g. rtx4070 ("" for an unnamed card given by its size)
     aliases: tuple[str, ...] = ()
+    cc: tuple[int, int] | None = None  # compute capability (major, minor); None: unknown
 
     @property
     def label(self) -> str:
         return self.name if self.key else f"a card with {self.memory / 2**30:.2f} GiB"
 
 
-def _g(key: str, name: str, mib: int, tflops: float, bf16: bool = True, *aliases: str) -> Gpu:
-    return Gpu(name, mib * MiB, bf16, tflops, key, aliases)
+def _g(key: str, name: str, mib: int, tflops: float, cc: tuple[int, int], bf16: bool = True,
+       *aliases: str) -> Gpu:
+    return Gpu(name, mib * MiB, bf16, tflops, key, aliases, cc)
 
 
+AMPERE, ADA, HOPPER = (8, 6), (8, 9), (9, 0)
 GPUS: list[Gpu] = [
     # GeForce Ampere (GA10x): 512 dense fp16 FMA/clk/SM with fp16 accumulate, half with fp32
-    _g("rtx3060", "GeForce RTX 3060 (12 GB)", 12288, 25.5),
-    _g("rtx3060ti", "GeForce RTX 3060 Ti", 8192, 32.4),
-    _g("rtx3070", "GeForce RTX 3070", 8192, 40.6),
-    _g("rtx3080", "GeForce RTX 3080 (10 GB)", 10240, 59.5, True, "rtx3080-10gb"),
-    _g("rtx3080-12gb", "GeForce RTX 3080 12GB", 12288, 61.3),
-    _g("rtx3090", "GeForce RTX 3090", 24576, 71.0),
+    _g("rtx3060", "GeForce RTX 3060 (12 GB)", 12288, 25.5, AMPERE),
+    _g("rtx3060ti", "GeForce RTX 3060 Ti", 8192, 32.4, AMPERE),
+    _g("rtx3070", "GeForce RTX 3070", 8192, 40.6, AMPERE),
+    _g("rtx3080", "GeForce RTX 3080 (10 GB)", 10240, 59.5, AMPERE, True, "rtx3080-10gb"),
+    _g("rtx3080-12gb", "GeForce RTX 3080 12GB", 12288, 61.3, AMPERE),
+    _g("rtx3090", "GeForce RTX 3090", 24576, 71.0, AMPERE),
     # GeForce Ada (AD10x): same per-SM rate at higher clocks
-    _g("rtx4060", "GeForce RTX 4060", 8188, 30.2),
-    _g("rtx4060ti", "GeForce RTX 4060 Ti (8 GB)", 8188, 44.1, True, "rtx4060ti-8gb"),
-    _g("rtx4060ti-16gb", "GeForce RTX 4060 Ti 16GB", 16380, 44.1),
-    _g("rtx4070", "GeForce RTX 4070", 12282, 58.3),
-    _g("rtx4070ti", "GeForce RTX 4070 Ti", 12282, 80.2),
-    _g("rtx4070super", "GeForce RTX 4070 SUPER", 12282, 71.0, True, "rtx4070s"),
-    _g("rtx4080", "GeForce RTX 4080", 16376, 97.5),
-    _g("rtx4090", "GeForce RTX 4090", 24564, 165.2),
+    _g("rtx4060", "GeForce RTX 4060", 8188, 30.2, ADA),
+    _g("rtx4060ti", "GeForce RTX 4060 Ti (8 GB)", 8188, 44.1, ADA, True, "rtx4060ti-8gb"),
+    _g("rtx4060ti-16gb", "GeForce RTX 4060 Ti 16GB", 16380, 44.1, ADA),
+    _g("rtx4070", "GeForce RTX 4070", 12282, 58.3, ADA),
+    _g("rtx4070ti", "GeForce RTX 4070 Ti", 12282, 80.2, ADA),
+    _g("rtx4070super", "GeForce RTX 4070 SUPER", 12282, 71.0, ADA, True, "rtx4070s"),
+    _g("rtx4080", "GeForce RTX 4080", 16376, 97.5, ADA),
+    _g("rtx4090", "GeForce RTX 4090", 24564, 165.2, ADA),
     # GeForce Blackwell
-    _g("rtx5090", "GeForce RTX 5090", 32607, 209.5),
+    _g("rtx5090", "GeForce RTX 5090", 32607, 209.5, (12, 0)),
     # Data centre: full-rate fp32 accumulation
-    _g("a10", "NVIDIA A10", 23028, 125.0),
-    _g("a10g", "NVIDIA A10G", 23028, 70.0),
-    _g("l4", "NVIDIA L4", 23034, 121.0),
-    _g("t4", "Tesla T4", 15360, 65.0, False),
-    _g("v100-16gb", "Tesla V100 16GB", 16384, 125.0, False, "v100", "v100sxm216gb"),
-    _g("v100-32gb", "Tesla V100 32GB", 32768, 125.0, False, "v100sxm232gb"),
-    _g("a100-40gb", "NVIDIA A100 40GB", 40960, 312.0, True, "a100sxm440gb", "a100pcie40gb"),
-    _g("a100-80gb", "NVIDIA A100 80GB", 81920, 312.0, True, "a100", "a100sxm480gb", "a100pcie80gb"),
-    _g("h100-pcie", "NVIDIA H100 PCIe", 81559, 756.0),
-    _g("h100-sxm", "NVIDIA H100 SXM", 81559, 989.0, True, "h100", "h10080gbhbm3", "h100sxm5",
-       "h10080gb"),
-    _g("h200", "NVIDIA H200", 143771, 989.0, True, "h200sxm", "h200nvl"),
-    _g("l40s", "NVIDIA L40S", 46068, 362.0),
+    _g("a10", "NVIDIA A10", 23028, 125.0, AMPERE),
+    _g("a10g", "NVIDIA A10G", 23028, 70.0, AMPERE),
+    _g("l4", "NVIDIA L4", 23034, 121.0, ADA),
+    _g("t4", "Tesla T4", 15360, 65.0, (7, 5), False),
+    _g("v100-16gb", "Tesla V100 16GB", 16384, 125.0, (7, 0), False, "v100", "v100sxm216gb"),
+    _g("v100-32gb", "Tesla V100 32GB", 32768, 125.0, (7, 0), False, "v100sxm232gb"),
+    _g("a100-40gb", "NVIDIA A100 40GB", 40960, 312.0, (8, 0), True, "a100sxm440gb", "a100pcie40gb"),
+    _g("a100-80gb", "NVIDIA A100 80GB", 81920, 312.0, (8, 0), True, "a100", "a100sxm480gb",
+       "a100pcie80gb"),
+    _g("h100-pcie", "NVIDIA H100 PCIe", 81559, 756.0, HOPPER),
+    _g("h100-sxm", "NVIDIA H100 SXM", 81559, 989.0, HOPPER, True, "h100", "h10080gbhbm3",
+       "h100sxm5", "h10080gb"),
+    _g("h200", "NVIDIA H200", 143771, 989.0, HOPPER, True, "h200sxm", "h200nvl"),
+    _g("l40s", "NVIDIA L40S", 46068, 362.0, ADA),
 ]
+
+# PyTorch's default cuBLAS workspace per (handle, stream), from its CublasHandlePool.cpp
+# (parseChosenWorkspaceSize): ':4096:8' (32 MiB) on compute capability 9.x-12.x (Hopper,
+# Blackwell; older releases: on 9.0 only), else ':4096:2:16:8' (2 x 4 MiB + 8 x 16 KiB).
+# cuBLASLt reuses it (TORCH_CUBLASLT_UNIFIED_WORKSPACE, on by default in open-source builds,
+# as torch 2.13 documents in torch.backends.cuda.blas_workspace_size).
+CUBLAS_LARGE = 4096 * 8 * 1024
+CUBLAS_DEFAULT = 4096 * 1024 * 2 + 16 * 1024 * 8
+_WORKSPACE_CONFIG = re.compile(r":([0-9]+):([0-9]+)")
+
+
+def cublas_workspace(gpu: Gpu | None, env: Mapping[str, str] = os.environ) -> int:
+    """Bytes of one cuBLAS workspace on this card, as PyTorch sizes it: CUBLAS_WORKSPACE_CONFIG
+    (':SIZE_KiB:COUNT' pairs) when set, else by compute capability; a card of unknown
+    architecture gets the larger default."""
+    config = env.get("CUBLAS_WORKSPACE_CONFIG")
+    if config:
+        pairs = _WORKSPACE_CONFIG.findall(config)
+        if pairs:
+            return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    if gpu is None or gpu.cc is None or gpu.cc[0] in (9, 10, 11, 12):
+        return CUBLAS_LARGE
+    return CUBLAS_DEFAULT
 
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[kmgt]i?b\s*$", re.I)
 _DROP = ("nvidia", "geforce", "tesla", "quadro")
@@ -148,31 +180,58 @@ def lookup(name: str, memory: int) -> Gpu:
                 break
     if g is None:
         return Gpu(name, memory, True, None, name)
-    return Gpu(g.name, memory, g.bf16, g.tflops, g.key, g.aliases)
+    return Gpu(g.name, memory, g.bf16, g.tflops, g.key, g.aliases, g.cc)
 
 
-def current_gpu(index: int = 0) -> Gpu:
-    """The CUDA device this process sees (imports torch): its name and the driver's total."""
+def device_index(env: Mapping[str, str] = os.environ) -> int | None:
+    """This process's CUDA device before `set_device`: torchrun's LOCAL_RANK (the device
+    `fitgpt.distributed.init` picks), None outside torchrun."""
+    if "LOCAL_RANK" in env and int(env.get("WORLD_SIZE", 1)) > 1:
+        return int(env["LOCAL_RANK"])
+    return None
+
+
+def current_gpu(index: int | None = None) -> Gpu:
+    """A CUDA device this process sees (imports torch): its name, the driver's total, bf16 and
+    compute capability. index None: this process's own device (`device_index`), so that no
+    process of a torchrun job touches another rank's GPU (a query on device 0 from every rank
+    would create a CUDA context there for each of them)."""
     import torch
 
     if not torch.cuda.is_available():
         raise ConfigError("no CUDA device is visible; name a card with --gpu, or give "
                           "--memory.budget")
+    if index is None:
+        index = device_index()
+    if index is None:
+        index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
     _free, total = torch.cuda.mem_get_info(index)
-    g = lookup(torch.cuda.get_device_name(index), total)
-    bf16 = torch.cuda.is_bf16_supported()
-    return Gpu(g.name, total, bf16, g.tflops, g.key, g.aliases)
+    g = lookup(props.name, total)
+    return Gpu(g.name, total, props.major >= 8, g.tflops, g.key, g.aliases,
+               (props.major, props.minor))
+
+
+def _smi(exe: str, fields: str) -> str:
+    return subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, timeout=5, check=True).stdout
 
 
 def smi_gpu() -> Gpu | None:
-    """The first GPU that `nvidia-smi` lists, without importing torch; None when there is none."""
+    """The first GPU that `nvidia-smi` lists, without importing torch; None when there is none.
+    Its compute capability too where the driver reports it (compute_cap, since driver 510)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout
-        name, mib = out.strip().splitlines()[0].rsplit(",", 1)
-        return lookup(name.strip(), int(float(mib)) * MiB)
+        try:
+            name, mib, cap = _smi(exe, "name,memory.total,compute_cap").splitlines()[0].rsplit(",", 2)
+            major, minor = (int(x) for x in cap.strip().split("."))
+            cc: tuple[int, int] | None = (major, minor)
+        except (subprocess.SubprocessError, ValueError):
+            name, mib = _smi(exe, "name,memory.total").splitlines()[0].rsplit(",", 1)
+            cc = None
+        g = lookup(name.strip(), int(float(mib)) * MiB)
+        return Gpu(g.name, g.memory, g.bf16, g.tflops, g.key, g.aliases, cc or g.cc)
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None

@@ -7,6 +7,7 @@ runs before it starts: `memory.fit=auto`, and one line with the predicted peaks.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ def plan_device(cfg: Config, gpu: Gpu | None) -> tuple[str, str]:
 def make_plan(cfg: Config, gpu: Gpu | None, *, fit: bool = False) -> Plan:
     """Estimate cfg for gpu (or for cfg.memory.budget, or with no limit at all)."""
     device_type, dtype = plan_device(cfg, gpu)
-    est = estimate(cfg, device_type, dtype)
+    est = estimate(cfg, device_type, dtype, gpu)
     budget = parse_size(cfg.memory.budget) if cfg.memory.budget else (gpu.memory if gpu else None)
     notes = []
     if gpu is not None and not gpu.bf16 and dtype == "bfloat16":
@@ -63,13 +64,13 @@ def make_plan(cfg: Config, gpu: Gpu | None, *, fit: bool = False) -> Plan:
         return Plan(cfg, est, gpu, None, None, None, verdict, notes=notes)
     limit = int(budget * (1 - cfg.memory.headroom))
     card = gpu.memory if gpu is not None else budget
-    peak = est.eval.total if cfg.train.eval_only else est.peak
+    peak = est.peak  # the evaluation alone for an eval-only run
     fits = peak <= limit
     worst = "training" if est.train.total >= est.eval.total else "evaluation"
     if cfg.train.eval_only:
         worst = "evaluation"
-        notes.append("train.eval_only: only the evaluation runs (its estimate still counts the "
-                     "optimizer state, 8 B/param, which an eval-only run never fills)")
+        notes.append("train.eval_only: only the evaluation runs; it holds the weights, no "
+                     "gradients and no AdamW state")
     what = (f"the {gpu.label}'s {fmt_bytes(card)}" if gpu is not None and gpu.key
             else f"{fmt_bytes(card)}")
     share = f"{peak / card:.0%} of {what}"
@@ -86,7 +87,7 @@ def make_plan(cfg: Config, gpu: Gpu | None, *, fit: bool = False) -> Plan:
         new, lines = auto_fit(cfg, budget, cfg.memory.headroom, device_type=device_type,
                               dtype=dtype, gpu=gpu)
         plan.fit_config, plan.fit_lines = new, lines
-        plan.fit_estimate = estimate(new, device_type, dtype)
+        plan.fit_estimate = estimate(new, device_type, dtype, gpu)
     return plan
 
 
@@ -98,8 +99,11 @@ def _phase_dict(ph: PhaseEstimate) -> dict[str, Any]:
 
 
 def _estimate_dict(est: Estimate) -> dict[str, Any]:
+    """An eval-only run never trains: its "train" is null."""
     return {"device_type": est.device_type, "dtype": est.dtype, "params": est.params,
-            "train": _phase_dict(est.train), "eval": _phase_dict(est.eval), "peak": est.peak}
+            "eval_only": est.eval_only,
+            "train": None if est.eval_only else _phase_dict(est.train),
+            "eval": _phase_dict(est.eval), "peak": est.peak}
 
 
 def as_json(plan: Plan) -> dict[str, Any]:
@@ -108,12 +112,14 @@ def as_json(plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": plan.cfg.name,
         "gpu": None if g is None else {"name": g.name, "key": g.key or None, "memory": g.memory,
-                                      "bf16": g.bf16, "tflops": g.tflops},
+                                      "bf16": g.bf16, "tflops": g.tflops,
+                                      "compute_capability": list(g.cc) if g.cc else None},
         "budget": plan.budget, "limit": plan.limit, "headroom": plan.cfg.memory.headroom,
         **_estimate_dict(plan.estimate),
         "fits": plan.fits, "verdict": plan.verdict, "notes": plan.notes,
         "proposals": [{"description": p.description, "overrides": p.overrides, "fits": p.fits,
-                       "peak": p.peak, "train_total": p.estimate.train.total,
+                       "peak": p.peak,
+                       "train_total": None if p.estimate.eval_only else p.estimate.train.total,
                        "eval_total": p.estimate.eval.total, "throughput": round(p.throughput, 4),
                        "changes_model": p.changes_model} for p in plan.proposals],
     }
@@ -170,7 +176,10 @@ def render(plan: Plan, console) -> None:
                   f"{cfg.train.grad_accum} x block {cfg.model.block_size} | eval batch "
                   f"{cfg.eval_batch_size} x block {cfg.eval_block_size} | loss {cfg.memory.loss}"
                   + (" | activation checkpointing" if cfg.memory.checkpointing else ""))
-    for ph, title in ((est.train, "training step"), (est.eval, "evaluation (model and optimizer state alive)")):
+    phases = [(est.train, "training step"), (est.eval, "evaluation (model and optimizer state alive)")]
+    if est.eval_only:
+        phases = [(est.eval, "evaluation (an eval-only run: weights, no optimizer state)")]
+    for ph, title in phases:
         console.print()
         console.print(_phase_table(ph, title))
     console.print()
@@ -223,8 +232,60 @@ def render_verify(result: dict[str, Any], console) -> None:
 
 # ----------------------------------------------------------------------------- fitgpt train
 
+def host_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_possible(cfg: Config, est: Estimate, device_type: str, dtype: str,
+                   card: Gpu | None) -> None:
+    """Stop, before anything is allocated, a run that this machine cannot hold at all: even at
+    the out-of-memory back-off's floor (one sequence per slice, eval batch 1) the allocated
+    bytes exceed the device's whole memory, or the token ids of one optimizer step (drawn up
+    front, on the host) exceed the host's. Raises ConfigError with the plan's numbers."""
+    host = host_memory()
+    memory = card.memory if card is not None else host
+    if memory is None:
+        return
+    floor_cfg = copy.deepcopy(cfg)
+    floor_cfg.memory.micro_split = max(cfg.memory.micro_split, cfg.train.batch_size)
+    floor_cfg.eval.batch_size = 1
+    floor = estimate(floor_cfg, device_type, dtype, card)
+    phase = floor.eval if cfg.train.eval_only else max(floor.train, floor.eval, key=lambda p: p.allocated)
+    share = max(1, cfg.train.grad_accum // max(1, cfg.parallel.nproc))
+    ids = 0 if cfg.train.eval_only else 16 * cfg.train.batch_size * cfg.model.block_size * share
+    need = phase.allocated + (ids if card is None else 0)
+    where = f"the {card.label}'s" if card is not None else "this machine's"
+    plan = (f"the plan needs {fmt_bytes(est.eval.total)} for evaluation" if cfg.train.eval_only else
+            f"the plan needs {fmt_bytes(est.train.total)} for training and "
+            f"{fmt_bytes(est.eval.total)} for evaluation")
+    plan += f" (weights {fmt_bytes(_part(phase, 'weights'))})"
+    if need > memory:
+        raise ConfigError(
+            f"this run cannot fit {where} {fmt_bytes(memory)}: {plan}, and even the out-of-memory "
+            f"back-off's floor (one sequence per slice, eval batch 1) needs {fmt_bytes(need)}"
+            + (f" with the step's token ids ({fmt_bytes(ids)})" if ids and card is None else "")
+            + "; see `fitgpt plan` for what to change")
+    if card is not None and host is not None and ids > host:
+        raise ConfigError(
+            f"this run cannot fit this machine's {fmt_bytes(host)}: the token ids of one "
+            f"optimizer step (batch {cfg.train.batch_size} x accumulation {share} x block "
+            f"{cfg.model.block_size} x 16 B = {fmt_bytes(ids)}) are drawn on the host before the "
+            f"first forward; {plan}; see `fitgpt plan` for what to change")
+
+
+def _part(ph: PhaseEstimate, name: str) -> int:
+    return sum(p.bytes for p in ph.parts if p.name == name)
+
+
 def prepare_training(cfg: Config) -> tuple[Config, list[str]]:
-    """Before `fitgpt train` allocates anything: apply `memory.fit=auto` and predict the peaks.
+    """Before `fitgpt train` allocates anything: apply `memory.fit=auto`, predict the peaks, and
+    stop a run that cannot fit this machine at all (`check_possible`).
 
     Imports torch (the allocator setting is already in place) to learn the device. Returns the
     config to train with and the lines to print."""
@@ -237,7 +298,9 @@ def prepare_training(cfg: Config) -> tuple[Config, list[str]]:
     if device_type == "cuda":
         from fitgpt.memory.gpus import current_gpu
 
-        card = current_gpu(rt.device.index or 0)
+        # this process's own device (LOCAL_RANK under torchrun, before set_device): never GPU 0
+        # from every rank
+        card = current_gpu(rt.device.index)
     if cfg.memory.fit == "auto":
         if cfg.memory.budget:
             budget = parse_size(cfg.memory.budget)
@@ -249,12 +312,16 @@ def prepare_training(cfg: Config) -> tuple[Config, list[str]]:
         cfg, fit_lines = auto_fit(cfg, budget, cfg.memory.headroom, device_type=device_type,
                                   dtype=dtype, gpu=card)
         lines += [f"memory.fit=auto: {line}" for line in fit_lines]
-    est = estimate(cfg, device_type, dtype)
+    est = estimate(cfg, device_type, dtype, card)
+    check_possible(cfg, est, device_type, dtype, card)
     line = (f"predicted peak ({device_type} {dtype}): training {fmt_bytes(est.train.total)}, "
             f"evaluation {fmt_bytes(est.eval.total)}")
+    if cfg.train.eval_only:
+        line = f"predicted peak ({device_type} {dtype}): evaluation {fmt_bytes(est.eval.total)}"
     if device_type == "cuda":
-        line += (f" (allocated {fmt_bytes(est.train.allocated)} and {fmt_bytes(est.eval.allocated)}"
-                 " plus CUDA overhead)")
+        both = [est.eval] if cfg.train.eval_only else [est.train, est.eval]
+        line += (f" (allocated {' and '.join(fmt_bytes(p.allocated) for p in both)} plus CUDA "
+                 "overhead)")
     lines.append(line)
     limit = parse_size(cfg.memory.budget) if cfg.memory.budget else (card.memory if card else None)
     if limit is not None and est.peak > limit and cfg.memory.fit != "auto":

@@ -1,9 +1,17 @@
 """The planner's bookkeeping: a timeline of allocations and frees, rounded as the allocators
 round, that remembers what was alive at its peak; and the estimate it produces, part by part.
-Pure Python: no torch import."""
+Pure Python: no torch import.
+
+Its cost does not grow with the model or the batch: identical tensors are allocated as one
+(`count`), and a run of identical layers is replayed as its first and last layer one by one
+plus its middle in one go (`repeated`). The peak of a run of identical steps is at its first or
+its last step: each step starts where the previous one ended, shifted by the same amount, and
+rises above its start by the same amount, so the middle can never hold the peak.
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 ROUND = 512
@@ -41,9 +49,12 @@ class Estimate:
     dtype: str
     params: int
 
+    eval_only: bool = False  # only the evaluation runs (train.eval_only)
+
     @property
     def peak(self) -> int:
-        return max(self.train.total, self.eval.total)
+        """What must fit: the larger phase, or the evaluation alone for an eval-only run."""
+        return self.eval.total if self.eval_only else max(self.train.total, self.eval.total)
 
 
 class Timeline:
@@ -55,13 +66,15 @@ class Timeline:
         self.peak = 0
         self.at_peak: dict[str, int] = {}
         self.scale = scale or {}  # per kind: 1/world for what FSDP shards, 0 for what it removes
+        self.times = 1  # inside `repeated(k)`: every allocation stands for k of them
 
-    def alloc(self, kind: str, n: int) -> tuple[str, int]:
+    def alloc(self, kind: str, n: float, count: int = 1) -> tuple[str, int]:
+        """`count` tensors of n bytes each (each rounded), alive together; one handle for all."""
         n = n * self.scale.get(kind, 1)
-        n = r(n) if n > 0 else 0
+        n = (r(n) if n > 0 else 0) * count * self.times
         self.live[kind] = self.live.get(kind, 0) + n
         self.current += n
-        if self.current > self.peak:
+        if self.current > self.peak and self.times == 1:
             self.peak, self.at_peak = self.current, dict(self.live)
         return kind, n
 
@@ -74,3 +87,27 @@ class Timeline:
         """Allocate sizes one after another, all alive together, then free them."""
         hs = [self.alloc(kind, s) for s in sizes]
         self.free(*hs)
+
+    @contextmanager
+    def repeated(self, k: int):
+        """Replay one step as k identical steps, without tracking the peak (see the module
+        docstring: call it only between the first and the last of a run of identical steps,
+        which are replayed one by one). Handles allocated inside stand for all k; frees of
+        handles from outside count once, so the caller frees what the k-1 others consumed."""
+        self.times = k
+        try:
+            yield
+        finally:
+            self.times = 1
+
+
+def split(handle: tuple[str, int], k: int) -> tuple[tuple[str, int], tuple[str, int]]:
+    """A handle from `repeated(k)` as (one step's share, the other k-1 steps' share)."""
+    kind, n = handle
+    return (kind, n // k), (kind, n - n // k)
+
+
+def merge(a: tuple[str, int], b: tuple[str, int]) -> tuple[str, int]:
+    """Two handles of the same kind as one (freed together)."""
+    assert a[0] == b[0], (a, b)
+    return a[0], a[1] + b[1]

@@ -5,7 +5,8 @@ config's device, with synthetic random tokens, so no data files are needed. It m
 - training: the steps after the first (the optimizer state exists from the first step on),
   with gradient accumulation capped at 2 micro-batches, because the second micro-batch
   already has every gradient alive and later ones repeat it;
-- evaluation: with the model and optimizer state alive, as in a training run.
+- evaluation: with the model and optimizer state alive, as in a training run; for a config
+  with train.eval_only, evaluation alone, with the weights and no optimizer state.
 On CUDA the allocator's peak allocated and reserved; on the CPU the storage tracker.
 """
 
@@ -66,8 +67,13 @@ def verify(cfg: Config, steps: int = 3, catch_oom: bool = False) -> dict[str, An
 
     rt = resolve_runtime(cfg.train.device, cfg.train.dtype)
     dtype = str(rt.dtype).replace("torch.", "")
-    est = estimate(cfg, rt.device_type, dtype)
     cuda = rt.device_type == "cuda"
+    card = None
+    if cuda:
+        from fitgpt.memory.gpus import current_gpu
+
+        card = current_gpu(rt.device.index)  # its architecture sizes the cuBLAS workspaces
+    est = estimate(cfg, rt.device_type, dtype, card)
     result: dict[str, Any] = {
         "device": str(rt.device), "dtype": dtype, "config": cfg.name,
         "how": "cuda max_memory_allocated/reserved" if cuda else "storage tracker",
@@ -86,6 +92,9 @@ def verify(cfg: Config, steps: int = 3, catch_oom: bool = False) -> dict[str, An
         torch.cuda.empty_cache()
     for name in ("train", "eval"):
         r = result[name]
+        if name == "train" and cfg.train.eval_only:
+            r["measured_allocated"] = "not run (eval-only)"
+            continue
         if oom == name or (oom == "train" and name == "eval"):
             r["measured_allocated"] = "OOM" if oom == name else "not run"
             if cuda:
@@ -126,7 +135,7 @@ def _measure(cfg: Config, rt, steps: int, catch_oom: bool) -> tuple[dict[str, li
         peaks[f"{name}_r"] += [reserved] if reserved is not None else []
 
     try:
-        done = 0
+        done = 0 if not cfg.train.eval_only else steps + 5  # eval-only: no training, no AdamW state
         # fp16 may skip the first optimizer steps (inf gradients): measure once state exists
         while done < steps or (not peaks["train"] and done < steps + 5):
             measure = bool(optimizer.state)
