@@ -186,7 +186,9 @@ def _plan_data(plan) -> dict[str, Any]:
     where = plan.gpu.label if plan.gpu is not None else (
         f"a budget of {plan.budget / GiB:.2f} GiB" if plan.budget else "no card given")
     phases = {}
-    for key, ph in (("training step", est.train), ("evaluation", est.eval)):
+    shown = (("evaluation", est.eval),) if cfg.train.eval_only else (
+        ("training step", est.train), ("evaluation", est.eval))  # an eval-only run never trains
+    for key, ph in shown:
         small = sum(p.bytes for p in ph.parts if p.bytes < SMALL_PART * ph.total)
         parts = [(p.name, p.bytes) for p in ph.parts if p.bytes >= SMALL_PART * ph.total]
         phases[key] = {"parts": parts + ([(OTHER, small)] if small else []),
@@ -223,9 +225,10 @@ def _card_lines(ax, data: dict, div: float, unit: str, vertical: bool = False) -
 
 
 def _stacked_phases(ax, data: dict, div: float, unit: str) -> None:
-    """Two bars (training step, evaluation), stacked by part, largest training parts first."""
+    """A bar per phase (training step, evaluation; an eval-only run has only the second),
+    stacked by part, largest parts of the first phase first."""
     phases = data["phases"]
-    order = [n for n, _ in sorted(phases["training step"]["parts"], key=lambda p: -p[1])]
+    order = [n for n, _ in sorted(next(iter(phases.values()))["parts"], key=lambda p: -p[1])]
     order += [n for ph in phases.values() for n, _ in ph["parts"] if n not in order]
     order.sort(key=lambda n: n == OTHER)
     overhead = list(dict.fromkeys(n for ph in phases.values() for n, _ in ph["overhead"]))

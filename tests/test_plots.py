@@ -120,3 +120,19 @@ def test_phase_peaks_compare_measured_with_predicted(tmp_path):
                                                   "predicted_train_bytes": 1100, "predicted_eval_bytes": 550}))
     assert phase_peaks(read_run(run)) == {"training": {"measured": 1000, "predicted": 1100},
                                           "evaluation": {"measured": 600, "predicted": 550}}
+
+
+def test_eval_only_plan_draws_no_training_step():
+    """An eval-only run (nanoGPT's eval_gpt2*.py) never trains: its picture has the evaluation
+    bar alone, so no 28 GiB training bar of AdamW state that will never exist."""
+    from fitgpt.config import Config
+    from fitgpt.memory.gpus import find_gpu
+    from fitgpt.memory.plan import make_plan
+    from fitgpt.plots import _plan_data
+
+    cfg = Config(name="eval")
+    cfg.train.eval_only = True
+    data = _plan_data(make_plan(cfg, find_gpu("rtx4070")))
+    assert list(data["phases"]) == ["evaluation"]
+    cfg.train.eval_only = False
+    assert list(_plan_data(make_plan(cfg, find_gpu("rtx4070")))["phases"]) == ["training step", "evaluation"]
