@@ -17,9 +17,10 @@ commands:
                      James Bible, a few minutes on a CPU)
   eval --ckpt RUN_DIR_OR_FILE [--task hellaswag --file F] [--section.key=value ...]
                      evaluate a checkpoint on the validation windows (or on HellaSwag)
-  plan [CONFIG] [--section.key=value ...] [--gpu NAME_OR_SIZE] [--fit] [--json] [--verify]
+  plan [CONFIG] [--section.key=value ...] [--gpu NAME_OR_SIZE] [--fit] [--json] [--verify] [--png FILE]
                      predict the memory of training and evaluation on a card (rtx4070, a100-80gb,
-                     12GB, ...), and what to change if it does not fit; --verify measures it
+                     12GB, ...), and what to change if it does not fit; --verify measures it;
+                     --png draws it
   prepare fineweb|text ...  tokenize FineWeb or text files into shards (fitgpt prepare -h)
   data inspect DIR [--verify] [--sample N]  shard counts, checks, document lengths, a sample
   sample --ckpt RUN_DIR_OR_FILE [--prompt TEXT|--prompt-file F] [--max-new-tokens N ...]
@@ -27,7 +28,7 @@ commands:
   export --ckpt RUN_DIR_OR_FILE --to hf OUT_DIR
                      write a Hugging Face GPT-2 folder (needs: pip install 'fitgpt[hf]')
   plot RUN_DIR [RUN_DIR ...] [--out FILE.png]
-                     loss against tokens and peak memory against step (needs 'fitgpt[plot]')
+                     loss against tokens, each phase's peak memory against its prediction
   runs [DIR]         list the runs under DIR (default runs/): size, tokens, best val, status
   bench [CONFIG] [--variants full_logits,chunked,...] [--steps N] [--repeats R] [--json]
                      training and evaluation speed (tokens/s, MFU) and peak memory of variants
@@ -75,29 +76,24 @@ def cmd_train(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print("usage: fitgpt train [CONFIG] [--resume RUN_DIR|auto] [--section.key=value ...]\n\n"
               "Defaults < CONFIG < command line. nanoGPT's flat names work too "
-              "(--batch_size=8).\n" + help_text())
+              "(--batch_size=8), and so does its --init_from=resume (continue the run in "
+              "log.out_dir; CONFIG then applies on top of the checkpoint's settings).\n" + help_text())
         return 0
     config, opts, overrides = split_args(args, ("--resume",))
     notes: list[str] = []
-    if "--resume" in opts:
-        from fitgpt.resume import resume_config
+    from fitgpt.resume import resume_config, resume_wanted
 
-        cfg, ckpt, run_dir = resume_config(opts["--resume"], config, overrides, notes)
+    resume = opts.get("--resume") or ("auto" if resume_wanted(config, overrides) else None)
+    if resume is not None:  # --resume RUN, or nanoGPT's init_from='resume' (file or flag)
+        cfg, ckpt, run_dir = resume_config(resume, config, overrides, notes)
     else:
         cfg = load_config(config, overrides, notes=notes)
         ckpt, run_dir = None, None
-        if cfg.train.init_from.startswith("gpt2"):
-            raise FitError(f"train.init_from={cfg.train.init_from!r} needs OpenAI's released "
-                           "weights from the Hugging Face hub, which fitgpt does not download; "
-                           "use init_from='scratch', or plan it with `fitgpt plan`")
-        if cfg.train.init_from == "resume":
-            from fitgpt.resume import resume_config
-
-            cfg, ckpt, run_dir = resume_config("auto", config, overrides, notes)
+        refuse_released_weights(cfg.train.init_from, config)
     if cfg.parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from fitgpt.distributed import launch
 
-        return launch(cfg.parallel.nproc, ["train", *args])
+        return launch(cfg.parallel.nproc, ["train", *torchrun_args(config, opts, overrides)])
     from fitgpt.distributed import world_from_env
 
     world = world_from_env().size
@@ -117,6 +113,32 @@ def cmd_train(args: list[str]) -> int:
 
     summary = run(cfg, ckpt=ckpt, run_dir=run_dir)
     return 0 if summary["status"] in ("completed", "stopped") else 1
+
+
+def refuse_released_weights(init_from: str, config: str | None) -> None:
+    """nanoGPT's init_from='gpt2*' fine-tunes OpenAI's weights; fitgpt plans that shape but has
+    no weights to start from, so training stops here, saying what does work."""
+    if init_from.startswith("gpt2"):
+        plan = f"fitgpt plan {config}" if config else f"fitgpt plan --init_from={init_from}"
+        raise FitError(f"init_from={init_from!r} starts from OpenAI's released GPT-2 weights, which "
+                       f"fitgpt does not download; `{plan}` shows the memory that fine-tuning "
+                       f"needs, and --init_from=scratch trains the same shape from random weights")
+
+
+def torchrun_args(config: str | None, opts: dict[str, str], overrides: list[str]) -> list[str]:
+    """The command line again, for the processes torchrun starts, with every override in its
+    dotted `--section.key=value` form: torchrun's own parser matches abbreviations anywhere on
+    its command line (`--nproc 8` stopped it: "ambiguous option: --nproc could match
+    --nproc-per-node, --nproc_per_node"), and none of its options contains a dot."""
+    from fitgpt.configio import NANOGPT_KEYS, parse_overrides
+
+    out = [config] if config is not None else []
+    out += [f"{k}={v}" for k, v in opts.items()]
+    for key, text in parse_overrides(overrides):
+        key = key.replace("-", "_")
+        full = NANOGPT_KEYS.get(key, key)
+        out.append(f"--{full}" if text is None else f"--{full}={text}")
+    return out
 
 
 def cmd_eval(args: list[str]) -> int:
@@ -150,6 +172,7 @@ def cmd_eval(args: list[str]) -> int:
 
 
 PLAN_USAGE = """usage: fitgpt plan [CONFIG] [--section.key=value ...] [--gpu NAME_OR_SIZE] [--fit] [--json] [--verify]
+                   [--png FILE]
 
 Predicts the peak memory of a training step and of an evaluation, part by part, before anything
 is allocated, and compares it with a card. Nothing is imported from torch (unless --verify).
@@ -161,6 +184,9 @@ is allocated, and compares it with a card. Nothing is imported from torch (unles
   --json              print the same information as JSON
   --verify            run 3 training steps and one evaluation on this machine's device with
                       synthetic tokens, and print predicted against measured memory
+  --png FILE          also draw the plan: training and evaluation as bars stacked by part
+                      against the card's memory and the headroom limit, each proposal's peak
+                      beside them
 
 The verdict compares the larger of the two peaks with the budget minus memory.headroom (10 %).
 When it does not fit, or uses under 40 % of the card, ranked proposals follow, each with the
@@ -176,7 +202,11 @@ def cmd_plan(args: list[str]) -> int:
         print(PLAN_USAGE.format(cards=", ".join(gpu_names())))
         return 0
     flags = {a for a in args if a in ("--fit", "--json", "--verify")}
-    config, opts, overrides = split_args([a for a in args if a not in flags], ("--gpu",))
+    config, opts, overrides = split_args([a for a in args if a not in flags], ("--gpu", "--png"))
+    if "--png" in opts:
+        from fitgpt.plots import check_png_path
+
+        check_png_path(opts["--png"])  # before any work: a bad path is one line
     from fitgpt.configio import load_config
     from fitgpt.memory.gpus import find_gpu, smi_gpu
     from fitgpt.memory.plan import as_json, make_plan, render
@@ -194,6 +224,10 @@ def cmd_plan(args: list[str]) -> int:
                        f"torchrun and compare summary.json's measured and predicted peaks "
                        f"(bench/ddp_memory_cpu.py does that on a CPU)")
     plan = make_plan(cfg, gpu, fit="--fit" in flags)
+    if "--png" in opts:
+        from fitgpt.plots import plan_png
+
+        plan_png(plan, opts["--png"])
     result = None
     if "--verify" in flags:
         from fitgpt.memory.verify import verify
@@ -212,6 +246,8 @@ def cmd_plan(args: list[str]) -> int:
     for note in notes:
         console.print(f"note: {note}", markup=False)
     render(plan, console)
+    if "--png" in opts:
+        console.print(f"wrote {opts['--png']}", markup=False)
     if result is not None:
         from fitgpt.memory.plan import render_verify
 
@@ -240,6 +276,22 @@ def find_command(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. Output into a closed pipe (`fitgpt train --help | head`)
+    ends the command quietly, as it ends `cat` or `ls`, whatever the command was printing."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up at the latest here
+        return code
+    except BrokenPipeError:
+        # Python would try to flush stdout again at exit and print a traceback; point stdout
+        # at /dev/null first, so the exit is quiet. 128 + SIGPIPE is what a shell reports for
+        # a command stopped by a closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def run_command(argv: list[str] | None = None) -> int:
     set_allocator_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

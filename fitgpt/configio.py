@@ -2,8 +2,12 @@
 
 Sources, in order of precedence: the dataclass defaults, a config file, the command line.
 A config file is TOML (sections named like the dataclasses) or a nanoGPT-style Python file of flat
-`key = value` assignments, read with `ast` (never executed) and applied on top of nanoGPT's own
-defaults so that it means what it meant to its author.
+`key = value` assignments, read with `ast` (never executed, see fitgpt.pyconfig) and applied on
+top of nanoGPT's own defaults so that it means what it meant to its author.
+
+Every file is read as UTF-8 text with bounded nesting, and every value is checked against its
+field's type, choices (`Literal`) and valid range (`Range`, beside the field in fitgpt.config):
+a mistake is one line naming the field, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,85 +17,34 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import operator
-import pickle
+import math
+import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from fitgpt import config as config_module
-from fitgpt.config import SECTIONS, Config
+from fitgpt.config import SECTIONS, Config, Range
 from fitgpt.errors import ConfigError
+from fitgpt.pyconfig import (  # noqa: F401 - re-exported: nanoGPT files are part of loading
+    GPT2_SHAPES,
+    NANOGPT_ACCEPTED,
+    NANOGPT_DEFAULTS,
+    NANOGPT_KEYS,
+    _DataOnly,
+    nanogpt_meta_vocab,
+    parse_value,
+    read_nanogpt_file,
+    safe_eval,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
+    import tomli as tomllib
 
 BUILTIN_DIR = Path(__file__).parent / "configs"
-
-# nanoGPT's flat train.py keys (plus the seed's extras) -> fitgpt's dotted keys.
-NANOGPT_KEYS: dict[str, str] = {
-    "out_dir": "log.out_dir",
-    "eval_interval": "eval.interval",
-    "log_interval": "log.interval",
-    "eval_iters": "eval.iters",
-    "eval_only": "train.eval_only",
-    "always_save_checkpoint": "log.always_save",
-    "init_from": "train.init_from",
-    "wandb_log": "log.wandb",
-    "wandb_project": "log.wandb_project",
-    "wandb_run_name": "log.wandb_run_name",
-    "dataset": "data.dir",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "batch_size": "train.batch_size",
-    "block_size": "model.block_size",
-    "n_layer": "model.n_layer",
-    "n_head": "model.n_head",
-    "n_embd": "model.n_embd",
-    "dropout": "model.dropout",
-    "bias": "model.bias",
-    "vocab_size": "model.vocab_size",
-    "learning_rate": "train.lr",
-    "max_iters": "train.max_steps",
-    "weight_decay": "train.weight_decay",
-    "beta1": "train.beta1",
-    "beta2": "train.beta2",
-    "grad_clip": "train.grad_clip",
-    "decay_lr": "train.decay_lr",
-    "warmup_iters": "train.warmup_steps",
-    "lr_decay_iters": "train.lr_decay_steps",
-    "min_lr": "train.min_lr",
-    "device": "train.device",
-    "dtype": "train.dtype",
-    "compile": "train.compile",
-    "seed": "train.seed",
-    # the seed note's additions
-    "eval_batch_size": "eval.batch_size",
-    "eval_block_size": "eval.block_size",
-    "grad_checkpoint": "memory.checkpointing",
-    "backend": "parallel.backend",
-    # fitgpt's own shortcut
-    "nproc": "parallel.nproc",
-}
-# Keys nanoGPT has that a single fitgpt process has no use for; accepted and ignored with a note.
-NANOGPT_ACCEPTED: dict[str, str] = {}
-
-# nanoGPT's train.py defaults. device, dtype and compile are left to fitgpt's 'auto' choices:
-# nanoGPT's defaults for them assume a CUDA machine.
-NANOGPT_DEFAULTS: dict[str, Any] = {
-    "out_dir": "out", "eval_interval": 2000, "log_interval": 1, "eval_iters": 200,
-    "eval_only": False, "always_save_checkpoint": True, "init_from": "scratch",
-    "wandb_log": False, "wandb_project": "owt", "wandb_run_name": "gpt2",
-    "dataset": "openwebtext", "gradient_accumulation_steps": 40, "batch_size": 12,
-    "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768, "dropout": 0.0,
-    "bias": False, "learning_rate": 6e-4, "max_iters": 600000, "weight_decay": 1e-1,
-    "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0, "decay_lr": True, "warmup_iters": 2000,
-    "lr_decay_iters": 600000, "min_lr": 6e-5,
-}
-
-# nanoGPT's init_from='gpt2*' shapes: planning needs only the shape; training refuses (no weights).
-GPT2_SHAPES = {
-    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
-    "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
-}
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "auto": "auto"}
@@ -117,7 +70,7 @@ def field_docs() -> dict[str, str]:
 
 @functools.cache
 def field_types() -> dict[str, Any]:
-    """Dotted key -> resolved type annotation."""
+    """Dotted key -> resolved type annotation (without its Range)."""
     out = {}
     for sec, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
@@ -126,7 +79,32 @@ def field_types() -> dict[str, Any]:
     return out
 
 
+@functools.cache
+def field_ranges() -> dict[str, Range]:
+    """Dotted key -> the Range in the field's `Annotated[...]`, for the fields that have one."""
+    out = {}
+    for sec, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            for meta in getattr(hints[f.name], "__metadata__", ()):
+                if isinstance(meta, Range):
+                    out[f"{sec}.{f.name}"] = meta
+    return out
+
+
+def _choices(tp: Any) -> tuple | None:
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
+def _short(value: Any, n: int = 80) -> str:
+    """repr of a value, cut so that an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _type_name(tp: Any) -> str:
+    if _choices(tp):
+        return "one of " + ", ".join(map(str, _choices(tp)))
     args = typing.get_args(tp)
     if type(None) in args:
         return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or none"
@@ -138,7 +116,11 @@ def coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
     args = typing.get_args(tp)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), tp) if args else tp
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
+    if _choices(tp):
+        if isinstance(value, str) and value in _choices(tp):
+            return value
+        raise bad
     if value is None or (from_text and optional and str(value).lower() in ("none", "null")):
         if optional:
             return None
@@ -153,9 +135,9 @@ def coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
                 return False
             raise bad
         try:
-            value = safe_eval(ast.parse(text, mode="eval").body, {})
-        except (SyntaxError, ConfigError):
-            raise bad from None
+            value = parse_value(text)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(text)} ({e})") from None
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -168,46 +150,16 @@ def coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
         raise bad
     if base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"{key}: {_short(value, 30)} is too large for a float") from None
         raise bad
     if base is str:
         if isinstance(value, str):
             return value
         raise bad
     raise bad
-
-
-# ----------------------------------------------------------------------------- safe evaluation
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-           ast.Pow: operator.pow}
-
-
-def safe_eval(node: ast.AST, names: dict[str, Any]) -> Any:
-    """Evaluate literals, + - * / // % ** and names assigned earlier in the file. Nothing else."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, (ast.Tuple, ast.List)):
-        return [safe_eval(e, names) for e in node.elts]
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
-        v = safe_eval(node.operand, names)
-        return -v if isinstance(node.op, ast.USub) else (not v if isinstance(node.op, ast.Not) else +v)
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left, right = safe_eval(node.left, names), safe_eval(node.right, names)
-        if isinstance(node.op, ast.Pow) and abs(right) > 64:
-            raise ConfigError("exponent too large")
-        try:
-            return _BINOPS[type(node.op)](left, right)
-        except Exception as e:  # noqa: BLE001 - any arithmetic failure is the file's mistake
-            raise ConfigError(f"cannot compute {ast.unparse(node)}: {e}") from None
-    if isinstance(node, ast.Name):
-        if node.id in names:
-            return names[node.id]
-        if node.id in ("True", "False", "None"):
-            return {"True": True, "False": False, "None": None}[node.id]
-        raise ConfigError(f"unknown name {node.id!r}")
-    raise ConfigError(f"only literals and arithmetic are allowed, not {ast.unparse(node)!r}")
 
 
 # ----------------------------------------------------------------------------- applying values
@@ -248,30 +200,6 @@ def set_value(cfg: Config, key: str, value: Any, *, where: str, from_text: bool,
     setattr(getattr(cfg, sec), name, coerce(key, value, types_[key], from_text))
 
 
-def read_nanogpt_file(path: Path) -> dict[str, Any]:
-    """The flat assignments of a nanoGPT-style config file, evaluated without executing it."""
-    try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid Python: {e.msg}") from None
-    values: dict[str, Any] = {}
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            continue
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # docstring or bare string
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
-            try:
-                values[node.targets[0].id] = safe_eval(node.value, values)
-            except ConfigError as e:
-                raise ConfigError(f"{path}:{node.lineno}: {e}") from None
-            continue
-        raise ConfigError(f"{path}:{node.lineno}: only `key = value` lines are allowed, "
-                          f"found {ast.unparse(node)[:60]!r}")
-    return values
-
-
 def resolve_path(spec: str) -> Path:
     """A config file path, or the name of a built-in config (`demo`, `gpt2-124m`)."""
     p = Path(spec)
@@ -284,28 +212,50 @@ def resolve_path(spec: str) -> Path:
     raise ConfigError(f"config {spec!r}: no such file, and not a built-in config ({builtin})")
 
 
-class _DataOnly(pickle.Unpickler):
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
-
-
-def nanogpt_meta_vocab(dataset: str) -> int | None:
-    """nanoGPT reads vocab_size from data/<dataset>/meta.pkl (character-level sets); so do we,
-    unpickling plain data only (dicts, strings, numbers: nothing that could run code)."""
-    meta = Path("data") / dataset / "meta.pkl"
-    if not meta.is_file():
-        return None
+def read_text(path: Path) -> str:
+    """A config file's text: UTF-8, or one line saying where it is not."""
     try:
-        with open(meta, "rb") as f:
-            value = _DataOnly(f).load().get("vocab_size")
-    except Exception as e:  # noqa: BLE001 - any failure is the file's
-        raise ConfigError(f"{meta}: not a plain nanoGPT meta.pkl ({e})") from None
-    return value if isinstance(value, int) and value > 0 else None
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); a config file is text") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(read_text(path))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ConfigError(f"{path}: not usable TOML: nested too deeply") from None
+
+
+def file_settings(path: Path, notes: list[str]) -> list[tuple[str, Any]]:
+    """The (key, value) pairs a config file itself sets, in file order: nanoGPT's flat keys for a
+    .py file (without nanoGPT's defaults), dotted keys for TOML, and ('name', NAME) for TOML's
+    name. Keys are not yet checked against the fields (set_value does that)."""
+    if path.suffix == ".py":
+        return list(read_nanogpt_file(path, notes).items())
+    if path.suffix != ".toml":
+        raise ConfigError(f"{path}: config files are .toml or nanoGPT-style .py")
+    out: list[tuple[str, Any]] = []
+    for sec, table in read_toml(path).items():
+        if sec == "name" and isinstance(table, str):
+            from fitgpt.rundir import check_name  # a name becomes a run folder's name
+
+            check_name(f"{path}: name", table)
+            out.append(("name", table))
+        elif sec not in SECTIONS or not isinstance(table, dict):
+            raise unknown_key(sec, str(path))
+        else:
+            out += [(f"{sec}.{name}", value) for name, value in table.items()]
+    return out
 
 
 def apply_file(cfg: Config, path: Path, notes: list[str]) -> None:
+    settings = file_settings(path, notes)
     if path.suffix == ".py":
-        values = read_nanogpt_file(path)
+        values = dict(settings)
         merged = {**NANOGPT_DEFAULTS, **values}
         vocab = nanogpt_meta_vocab(str(merged["dataset"])) if "vocab_size" not in values else None
         if vocab is not None:
@@ -315,21 +265,12 @@ def apply_file(cfg: Config, path: Path, notes: list[str]) -> None:
         for key in sorted(merged, key=lambda k: k == "init_from"):
             set_value(cfg, key, merged[key], where=str(path), from_text=False, notes=notes)
         notes.append(f"{path}: nanoGPT-style file applied on top of nanoGPT's defaults")
-    elif path.suffix == ".toml":
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        for sec, table in data.items():
-            if sec == "name" and isinstance(table, str):
-                cfg.name = table
-                continue
-            if sec not in SECTIONS or not isinstance(table, dict):
-                raise unknown_key(sec, str(path))
-            for name, value in table.items():
-                set_value(cfg, f"{sec}.{name}", value, where=str(path), from_text=False)
     else:
-        raise ConfigError(f"{path}: config files are .toml or nanoGPT-style .py")
+        for key, value in settings:
+            if key == "name":
+                cfg.name = value
+            else:
+                set_value(cfg, key, value, where=str(path), from_text=False)
     if cfg.name == "default":
         cfg.name = path.stem
 
@@ -398,32 +339,38 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         value = -1.0
-    if unit not in units or value <= 0:
+    if unit not in units or not (0 < value < math.inf):
         raise ConfigError(f"memory size {text!r}: expected a size such as 12GB, 11.5GiB or 8000MB")
     return int(value * units[unit])
 
 
+INT64_MAX = 2**63 - 1  # what a torch size or counter holds
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number finite and inside its field's Range (the table is the annotations in
+    fitgpt.config: one place, one edit per field)."""
+    ranges = field_ranges()
+    for key in field_types():
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        rng = ranges.get(key)
+        valid = f"valid: {rng}" if rng else "a finite number"
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}={v} is not a finite number; {valid}")
+        if rng is not None and v not in rng:
+            raise ConfigError(f"{key}={v} is out of range; {valid}")
+        if isinstance(v, int) and abs(v) > INT64_MAX:
+            raise ConfigError(f"{key}={_short(v, 30)} is out of range; at most {INT64_MAX}")
+
+
 def check(cfg: Config) -> None:
-    """Cross-field checks that need no torch: everything wrong is reported before allocation."""
+    """Checks that need no torch: everything wrong is reported before allocation."""
     m, t, e, mem, log = cfg.model, cfg.train, cfg.eval, cfg.memory, cfg.log
-    positive = {
-        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-        "model.block_size": m.block_size, "model.vocab_size": m.vocab_size,
-        "model.vocab_multiple": m.vocab_multiple, "train.batch_size": t.batch_size,
-        "train.grad_accum": t.grad_accum, "eval.interval": e.interval, "eval.iters": e.iters,
-        "log.interval": log.interval, "log.keep": log.keep,
-        "memory.micro_split": mem.micro_split, "train.max_nonfinite": t.max_nonfinite,
-    }
-    for opt in ("eval.batch_size", "eval.block_size", "eval.tokens", "train.lr_decay_steps"):
-        sec, name = opt.split(".")
-        if getattr(getattr(cfg, sec), name) is not None:
-            positive[opt] = getattr(getattr(cfg, sec), name)
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{key} must be positive, got {v}")
-    if t.max_steps < 0 or t.warmup_steps < 0 or e.sample_tokens < 0 or mem.loss_chunk < 0:
-        raise ConfigError("train.max_steps, train.warmup_steps, eval.sample_tokens and memory.loss_chunk "
-                          "must be >= 0")
+    check_ranges(cfg)
     if m.n_embd % m.n_head:
         divisors = [h for h in range(1, m.n_embd + 1) if m.n_embd % h == 0 and abs(h - m.n_head) <= 8]
         raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
@@ -431,27 +378,21 @@ def check(cfg: Config) -> None:
     if cfg.eval_block_size > m.block_size:
         raise ConfigError(f"eval.block_size={e.block_size} is larger than model.block_size="
                           f"{m.block_size}; the position embedding has only {m.block_size} rows")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0; got lr={t.lr}, min_lr={t.min_lr}")
-    if mem.loss not in ("chunked", "full"):
-        raise ConfigError(f"memory.loss: expected chunked or full, got {mem.loss!r}")
-    if mem.fit not in ("off", "auto"):
-        raise ConfigError(f"memory.fit: expected off or auto, got {mem.fit!r}")
-    if not 0.0 <= mem.headroom < 0.9:
-        raise ConfigError(f"memory.headroom must be in [0, 0.9), got {mem.headroom}")
+    if t.decay_lr and t.min_lr > t.lr:  # min_lr is used only by the decay
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine decay "
+                          f"would raise the learning rate; lower min_lr, or set train.decay_lr=false "
+                          f"for a constant lr")
     if mem.budget is not None:
         parse_size(mem.budget)
-    par = cfg.parallel
-    if par.nproc < 1:
-        raise ConfigError(f"parallel.nproc must be positive, got {par.nproc}")
-    if par.mode not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallel.mode: expected ddp or fsdp, got {par.mode!r}")
-    if par.backend not in ("auto", "nccl", "gloo"):
-        raise ConfigError(f"parallel.backend: expected auto, nccl or gloo, got {par.backend!r}")
-    if t.init_from not in ("scratch", "resume") and not t.init_from.startswith("gpt2"):
-        raise ConfigError(f"train.init_from: expected scratch or resume, got {t.init_from!r}")
+    if not DEVICE.fullmatch(t.device):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda, cuda:N or mps; got {_short(t.device)}")
+    if t.init_from not in ("scratch", "resume") and t.init_from not in GPT2_SHAPES:
+        raise ConfigError(f"train.init_from: expected scratch, resume or one of "
+                          f"{', '.join(GPT2_SHAPES)} (its shape, for planning); got {_short(t.init_from)}")
+    if log.run_name is not None:  # a folder name under out_dir, never a path out of it
+        from fitgpt.rundir import check_name
+
+        check_name("log.run_name", log.run_name)
 
 
 # ----------------------------------------------------------------------------- output
@@ -500,7 +441,7 @@ def summary_lines(cfg: Config) -> list[str]:
 
 def help_text() -> str:
     """Every field with type, default and docstring, grouped by section, with nanoGPT aliases."""
-    docs, types_ = field_docs(), field_types()
+    docs, types_, ranges = field_docs(), field_types(), field_ranges()
     alias = {v: k for k, v in NANOGPT_KEYS.items()}
     defaults = to_dict(Config())
     lines = []
@@ -509,7 +450,9 @@ def help_text() -> str:
         for f in dataclasses.fields(cls):
             key = f"{sec}.{f.name}"
             extra = f" (nanoGPT: {alias[key]})" if key in alias else ""
-            lines.append(f"  --{key}={_type_name(types_[key]).upper()}  "
-                         f"[default {defaults[sec][f.name]!r}]{extra}")
+            choices = _choices(types_[key])
+            kind = "{" + ",".join(choices) + "}" if choices else _type_name(types_[key]).upper()
+            valid = f", valid {ranges[key]}" if key in ranges else ""
+            lines.append(f"  --{key}={kind}  [default {defaults[sec][f.name]!r}{valid}]{extra}")
             lines.append(f"      {docs.get(key, '')}")
     return "\n".join(lines)

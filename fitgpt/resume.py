@@ -1,4 +1,12 @@
-"""Continuing and evaluating saved runs: which config, which checkpoint, which run folder."""
+"""Continuing and evaluating saved runs: which config, which checkpoint, which run folder.
+
+A run continues with `fitgpt train --resume RUN` or, nanoGPT's way, with `init_from='resume'` in
+the config file or on the command line (`--init_from=resume`), which looks in `log.out_dir`
+(fitgpt.locate says how a folder is searched). The config is the checkpoint's; on top of it go
+the config file's own settings, when a file is given, then the command line. A file's shape
+settings that differ from the checkpoint's are ignored with a note (nanoGPT does the same: it
+takes the shape from the checkpoint); a shape change asked on the command line is refused.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +14,64 @@ import copy
 from pathlib import Path
 
 from fitgpt.checkpoint import CKPT_DIR, load_checkpoint
-from fitgpt.config import Config
-from fitgpt.configio import check, from_dict, normalise, parse_overrides, set_value
+from fitgpt.config import SECTIONS, Config
+from fitgpt.configio import (
+    NANOGPT_DEFAULTS,
+    NANOGPT_KEYS,
+    check,
+    file_settings,
+    normalise,
+    parse_overrides,
+    resolve_path,
+    set_value,
+    to_dict,
+)
 from fitgpt.errors import CheckpointError, ConfigError
 
 # Fields that change the model's parameters: a resumed run may not change them.
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple", "bias")
 
 
-def latest_run(out_dir: Path) -> Path:
-    runs = [p for p in out_dir.glob("*") if (p / CKPT_DIR / "latest").is_file()]
-    if not runs:
-        raise CheckpointError(f"--resume auto: no run with a checkpoint under {out_dir}/")
-    return max(runs, key=lambda p: (p / CKPT_DIR / "latest").stat().st_mtime)
+def _last(config: str | None, overrides: list[str], field: str):
+    """The value the config file, then the command line, gives `field` (dotted), or None."""
+    value = None
+    if config is not None:
+        for key, v in file_settings(resolve_path(config), []):
+            if NANOGPT_KEYS.get(key, key) == field:
+                value = v
+    for key, text in parse_overrides(overrides):
+        if NANOGPT_KEYS.get(key, key) == field and text is not None:
+            value = text
+    return value
+
+
+def resume_wanted(config: str | None, overrides: list[str]) -> bool:
+    """nanoGPT's way to continue: init_from='resume' in the file or on the command line."""
+    return _last(config, overrides, "train.init_from") == "resume"
+
+
+def resume_out_dir(config: str | None, overrides: list[str]) -> Path:
+    """Where init_from='resume' looks: log.out_dir from the command line or the file, else the
+    default of the file's kind (nanoGPT's 'out' for a .py file, fitgpt's 'runs')."""
+    out = _last(config, overrides, "log.out_dir")
+    if out is None and config is not None and resolve_path(config).suffix == ".py":
+        out = NANOGPT_DEFAULTS["out_dir"]
+    return Path(out if isinstance(out, str) else Config().log.out_dir)
 
 
 def config_of(ckpt: dict, notes: list[str] | None = None) -> Config:
     """The run's Config. A nanoGPT ckpt.pt is converted in place (see fitgpt.nanogpt)."""
+    from fitgpt.ckptcheck import check_fits, saved_config
     from fitgpt.nanogpt import convert, is_nanogpt
 
+    if ckpt.get("_note") and notes is not None:  # which of several checkpoints was taken
+        notes.append(ckpt.pop("_note"))
     if is_nanogpt(ckpt):
-        return convert(ckpt, notes if notes is not None else [])
-    if "config" not in ckpt or "model" not in ckpt["config"]:
-        raise CheckpointError(f"{ckpt['_path']}: has neither a fitgpt config nor nanoGPT's "
-                              f"model_args; cannot tell the model's shape")
-    return from_dict(ckpt["config"])
+        cfg = convert(ckpt, notes if notes is not None else [])
+    else:
+        cfg = saved_config(ckpt)
+    check_fits(ckpt, cfg)  # weights and optimizer state against the shape, before any building
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> list[str]:
@@ -51,29 +92,60 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> list[str]:
     return changed
 
 
+def apply_file_on_saved(cfg: Config, config: str, notes: list[str]) -> None:
+    """A config file's own settings on top of a checkpoint's config; shape settings that differ
+    from the checkpoint's (and init_from, which is 'resume') are ignored, with a note."""
+    path = resolve_path(config)
+    ignored, kept = [], []
+    for key, value in file_settings(path, notes):
+        full = NANOGPT_KEYS.get(key, key)
+        if key == "name" or full == "train.init_from":
+            continue
+        sec, name = full.split(".", 1) if "." in full else ("", full)
+        if sec == "model" and name in SHAPE_FIELDS:
+            trial = copy.deepcopy(cfg)
+            set_value(trial, key, value, where=str(path), from_text=False)
+            if getattr(trial.model, name) != getattr(cfg.model, name):
+                ignored.append(f"{key}={value!r}")
+                kept.append(f"{name}={getattr(cfg.model, name)!r}")
+            continue
+        set_value(cfg, key, value, where=str(path), from_text=False, notes=notes)
+    if ignored:
+        notes.append(f"{path}: {', '.join(ignored)} not applied: a resumed run keeps its "
+                     f"checkpoint's model shape ({', '.join(kept)})")
+
+
+def changed_settings(before: Config, after: Config) -> list[str]:
+    a, b = to_dict(before), to_dict(after)
+    return [f"{sec}.{k} {a[sec][k]!r} -> {b[sec][k]!r}" for sec in SECTIONS for k in a[sec]
+            if a[sec][k] != b[sec][k] and f"{sec}.{k}" != "train.init_from"]
+
+
 def resume_config(where: str, config: str | None, overrides: list[str],
                   notes: list[str]) -> tuple[Config, dict, Path]:
-    """The saved run's config with command-line overrides; shape changes are refused."""
-    if config is not None:
-        raise ConfigError("--resume takes the run's saved config; change settings with "
-                          "--section.key=value overrides instead of a config file")
+    """The saved run's config, then the config file's settings, then the command line's; where
+    'auto' means the run in log.out_dir that was written last (see the module docstring)."""
     if where == "auto":
-        out_dir = Path("runs")
-        for key, text in parse_overrides(overrides):
-            if key in ("log.out_dir", "out_dir") and text:
-                out_dir = Path(text)
-        where = str(latest_run(out_dir))
-    ckpt = load_checkpoint(where)
+        out_dir = resume_out_dir(config, overrides)
+        try:
+            ckpt = load_checkpoint(out_dir)
+        except CheckpointError as e:
+            raise CheckpointError(f"nothing to resume in log.out_dir={out_dir}: {e}") from None
+    else:
+        ckpt = load_checkpoint(where)
     saved = config_of(ckpt, notes)
     cfg = copy.deepcopy(saved)
-    changed = apply_overrides(cfg, overrides)
+    if config is not None:
+        apply_file_on_saved(cfg, config, notes)
+    apply_overrides(cfg, overrides)
     bad = [f"model.{f}" for f in SHAPE_FIELDS
            if getattr(cfg.model, f) != getattr(saved.model, f)]
     if bad:
         raise ConfigError(f"cannot resume with a different model shape: {', '.join(bad)} changed; "
                           f"start a new run instead")
+    changed = changed_settings(saved, cfg)
     if changed:
-        notes.append(f"resumed with changed settings: {', '.join(sorted(set(changed)))}")
+        notes.append(f"resumed with changed settings: {', '.join(changed)}")
     cfg.train.init_from = "resume"
     path = Path(ckpt["_path"])
     run_dir = path.parent.parent if path.parent.name == CKPT_DIR else path.parent
@@ -106,6 +178,7 @@ def eval_checkpoint(where: str, overrides: list[str]) -> dict:
     from fitgpt.log import fmt_bytes, say
     from fitgpt.memory.tracker import StorageTracker
     from fitgpt.runtime import resolve_data_dir
+    from fitgpt.tokenizer import find_meta
 
     notes: list[str] = []
     cfg, model, rt = load_model(where, overrides, notes)
@@ -114,15 +187,17 @@ def eval_checkpoint(where: str, overrides: list[str]) -> dict:
     _, val_files = find_splits(resolve_data_dir(cfg.data.dir))
     val = ValWindows(val_files, cfg.eval_block_size, cfg.eval_windows)
     vocab = cfg.model.vocab_size
+    meta = find_meta(cfg.data.dir)  # a character-level nanoGPT dataset: bytes per id for bpb
+    table = meta.byte_table(2**16) if meta is not None else None
     if rt.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-        res = evaluate(model, val, cfg.eval_batch_size, rt, vocab=vocab)
+        res = evaluate(model, val, cfg.eval_batch_size, rt, vocab=vocab, byte_table=table)
         peak = torch.cuda.max_memory_allocated(rt.device)
     else:
         tracker = StorageTracker(rt.device_type)
         tracker.add(model)
         with tracker:
-            res = evaluate(model, val, cfg.eval_batch_size, rt, vocab=vocab)
+            res = evaluate(model, val, cfg.eval_batch_size, rt, vocab=vocab, byte_table=table)
         peak = tracker.peak
     bpb = f" | {res.bpb:.4f} bits per byte" if res.bpb is not None else ""
     say(f"val loss {res.loss:.4f}{bpb} | {res.tokens:,} tokens ({val.n_windows} windows of "

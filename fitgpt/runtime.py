@@ -66,7 +66,37 @@ def resolve_runtime(device: str, dtype: str) -> Runtime:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    note = slow_cpu_dtype(dev.type, dtype)
+    if note and note not in _NOTED:  # once per process, however many runtimes are resolved
+        _NOTED.add(note)
+        from fitgpt.log import say
+
+        say(f"note: {note}")
     return Runtime(dev, DTYPES[dtype])
+
+
+_NOTED: set[str] = set()
+# CPU time of the demo model's training step against float32's (bench/cpu_dtype_speed.py, two
+# runs each): float16 on an AVX-512 CPU without float16 instructions, bfloat16 with AVX-512 turned
+# off (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2), standing in for a CPU without bfloat16.
+SLOWDOWN = {"float16": "16-18", "bfloat16": "15-20"}
+
+
+def slow_cpu_dtype(device_type: str, dtype: str) -> str | None:
+    """A 16-bit dtype on a CPU without native instructions for it: autocast then runs its
+    matmuls in emulated 16-bit arithmetic, many times slower than float32 (nanoGPT ignores
+    dtype on a CPU, so a nanoGPT config with dtype='float16' did not pay this there)."""
+    if device_type != "cpu" or dtype not in ("bfloat16", "float16"):
+        return None
+    native = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        if getattr(torch.ops.mkldnn, native)():
+            return None
+    except (AttributeError, RuntimeError):
+        pass  # cannot tell: say it
+    return (f"train.dtype={dtype} on this CPU, which has no native {dtype} arithmetic, makes a step "
+            f"about {SLOWDOWN[dtype]}x slower than float32 (measured on the demo model; nanoGPT ignores "
+            f"dtype on a CPU); for float32 use --train.dtype=float32, or auto")
 
 
 def build_model(cfg: Config, device: torch.device, init: bool = True) -> GPT:

@@ -121,7 +121,7 @@ def test_precedence_and_both_override_forms(tmp_path):
     (["--train.lr=fast"], "train.lr: expected float"),
     (["--model.n_embd=100", "--model.n_head=12"], "not divisible by model.n_head=12"),
     (["--eval.block_size=4096"], "eval.block_size=4096 is larger than model.block_size"),
-    (["--train.batch_size=0"], "train.batch_size must be positive"),
+    (["--train.batch_size=0"], "train.batch_size=0 is out of range; valid: >= 1"),
     (["--train.dtype=float8"], "train.dtype"),
     (["--memory.budget=lots"], "memory size 'lots'"),
 ])
@@ -233,4 +233,103 @@ def test_nanogpt_meta_pkl_vocab(tmp_path, monkeypatch):
 
 def test_negative_loss_chunk_is_refused(capsys):
     assert main(["plan", "--memory.loss_chunk=-1"]) == 2
-    assert "memory.loss_chunk must be >= 0" in capsys.readouterr().err
+    assert "memory.loss_chunk=-1 is out of range; valid: >= 0" in capsys.readouterr().err
+
+
+# nanoGPT's config/finetune_shakespeare.py, as shipped.
+FINETUNE_SHAKESPEARE = """\
+import time
+
+out_dir = 'out-shakespeare'
+eval_interval = 5
+eval_iters = 40
+wandb_log = False # feel free to turn on
+wandb_project = 'shakespeare'
+wandb_run_name = 'ft-' + str(time.time())
+
+dataset = 'shakespeare'
+init_from = 'gpt2-xl' # this is the largest GPT-2 model
+always_save_checkpoint = False
+batch_size = 1
+gradient_accumulation_steps = 32
+max_iters = 20
+learning_rate = 3e-5
+decay_lr = False
+"""
+
+
+def test_finetune_shakespeare_loads_and_training_says_why_not(tmp_path, capsys):
+    """Guards issue 12: the file stopped at its log-run name (not a literal) and then at nanoGPT's
+    default min_lr 6e-5 > lr 3e-5, which nanoGPT never uses with decay_lr=False. The name falls
+    back to the default with a note; training gpt2-xl's weights is refused in one line that
+    says what works instead."""
+    p = write(tmp_path, "finetune_shakespeare.py", FINETUNE_SHAKESPEARE)
+    notes: list[str] = []
+    cfg = load_config(str(p), [], notes=notes)
+    assert cfg.log.wandb_run_name is None and cfg.log.wandb_project == "shakespeare"
+    assert any("wandb_run_name is not a literal" in n and "run folder's name" in n for n in notes)
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.decay_lr) == (3e-5, 6e-5, False)
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (48, 25, 1600)
+    assert main(["train", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "init_from='gpt2-xl'" in err[0]
+    assert f"fitgpt plan {p}" in err[0] and "--init_from=scratch" in err[0]
+    assert main(["plan", str(p), "--gpu", "a100-80gb"]) == 0  # what the message offers works
+    assert "1557.69M parameters" in capsys.readouterr().out
+
+
+def test_min_lr_is_checked_only_when_the_decay_uses_it(tmp_path):
+    cfg = load_config("demo", ["--train.lr=1e-4", "--train.min_lr=1e-3", "--train.decay_lr=false"])
+    assert cfg.train.min_lr > cfg.train.lr
+    with pytest.raises(ConfigError, match="train.min_lr=0.001 is above train.lr=0.0001"):
+        load_config("demo", ["--train.lr=1e-4", "--train.min_lr=1e-3"])
+
+
+def test_only_name_keys_fall_back_from_non_literals(tmp_path):
+    """A computed value that changes training still stops the run, naming the line."""
+    p = write(tmp_path, "c.py", "import time\nmax_iters = int(time.time())\n")
+    with pytest.raises(ConfigError, match=r"c.py:2: only literals and arithmetic"):
+        load_config(str(p), [])
+
+
+@pytest.mark.parametrize("source, needle", [
+    ("toml:[train]\nlr = nan\n", "train.lr=nan is not a finite number; valid: > 0"),
+    ("cli:--train.lr=1e999-1e999", "train.lr=nan is not a finite number; valid: > 0"),
+    ("toml:[train]\nlr = inf\n", "train.lr=inf is not a finite number; valid: > 0"),
+    ("cli:--train.beta1=1.5", "train.beta1=1.5 is out of range; valid: [0, 1)"),
+    ("py:beta2 = -1\n", "train.beta2=-1.0 is out of range; valid: [0, 1)"),
+    ("toml:[train]\nweight_decay = nan\n", "train.weight_decay=nan is not a finite number; valid: >= 0"),
+    ("cli:--train.lr=0", "train.lr=0.0 is out of range; valid: > 0"),
+    ("cli:--model.dropout=1", "model.dropout=1.0 is out of range; valid: [0, 1)"),
+    ("cli:--memory.headroom=-1e999", "memory.headroom=-inf is not a finite number; valid: [0, 0.9)"),
+    ("toml:[train]\nseed = -1\n", "train.seed=-1 is out of range; valid: [0, 18446744073709551615]"),
+    ("toml:[train]\nmax_steps = 99999999999999999999\n", "train.max_steps=99999999999999999999 is out of range"),
+    ("cli:--memory.loss=fast", "memory.loss: expected one of chunked, full, got 'fast'"),
+    ("cli:--parallel.mode=zero3", "parallel.mode: expected one of ddp, fsdp, got 'zero3'"),
+    ("cli:--train.device=gpu", "train.device: expected auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
+    ("cli:--memory.budget=nanGB", "memory size 'nanGB'"),
+])
+def test_non_finite_and_out_of_range_values_are_refused(tmp_path, capsys, source, needle):
+    """Guards issue 13 item 9: NaN, infinities and out-of-range hyperparameters passed check()
+    and ended in tracebacks. Each is one line naming the field and its valid range, exit 2."""
+    kind, text = source.split(":", 1)
+    args = [text] if kind == "cli" else []
+    config = str(write(tmp_path, f"c.{kind}", text)) if kind != "cli" else "demo"
+    with pytest.raises(ConfigError) as e:
+        load_config(config, args)
+    assert needle in str(e.value)
+    assert main(["plan", config, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_every_number_field_has_its_valid_range_beside_it():
+    """One edit per field: every int and float field carries a Range in its annotation, and
+    the help shows it."""
+    from fitgpt.configio import field_ranges, field_types
+
+    numeric = [k for k, tp in field_types().items()
+               if {int, float} & ({tp} | set(getattr(tp, "__args__", ())))]
+    assert numeric and [k for k in numeric if k not in field_ranges()] == []
+    assert "--train.beta1=FLOAT  [default 0.9, valid [0, 1)]" in help_text()
+    assert "--memory.loss={chunked,full}" in help_text()

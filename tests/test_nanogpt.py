@@ -151,3 +151,72 @@ def test_padded_gpt2_vocab_samples_and_exports(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("The")
     assert main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--to", "hf", str(tmp_path / "hf")]) == 0
     assert '"vocab_size": 50257' in (tmp_path / "hf" / "config.json").read_text()
+
+
+def save_as_fitgpt(nanogpt_path, run_dir, step):
+    """The nanoGPT checkpoint converted and saved as fitgpt's checkpoints/step_N.pt + latest."""
+    from fitgpt.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(nanogpt_path)
+    config_of(ckpt, [])
+    state = {k: v for k, v in ckpt.items() if not k.startswith("_")}
+    state["step"] = step
+    return save_checkpoint(run_dir, state, step, keep=2)
+
+
+@pytest.mark.parametrize("nano_iter, fit_step, pick", [(9, 6, "ckpt.pt"), (3, 6, "step_00000006.pt")])
+def test_folder_with_both_checkpoints_takes_the_one_further_along(tmp_path, nano_iter, fit_step, pick):
+    """Guards issue 12: a nanoGPT out_dir that fitgpt continued holds ckpt.pt and
+    checkpoints/latest; the one with the higher step is taken (not always fitgpt's), and a note
+    says which, with both steps."""
+    out = tmp_path / "out"
+    out.mkdir()
+    write_nanogpt_ckpt(out / "ckpt.pt", iter_num=3)
+    save_as_fitgpt(out / "ckpt.pt", out, fit_step)
+    write_nanogpt_ckpt(out / "ckpt.pt", iter_num=nano_iter)  # nanoGPT itself went on (or not)
+    notes: list[str] = []
+    ckpt = load_checkpoint(out)
+    config_of(ckpt, notes)
+    assert ckpt["_path"].endswith(pick) and ckpt["step"] == max(nano_iter, fit_step)
+    assert any(f"step {nano_iter}" in n and f"step {fit_step}" in n and n.endswith(pick) for n in notes), notes
+
+
+def test_ckpt_out_dir_finds_the_newest_run_inside(shard_dir, tmp_path, capsys):
+    """Guards issue 12: `--ckpt OUT_DIR` for a folder of runs (OUT_DIR/<run>/checkpoints/...,
+    as fitgpt.report lays them out) takes the run written last, and says so."""
+    import os
+
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt")
+    old = save_as_fitgpt(tmp_path / "ckpt.pt", tmp_path / "out" / "run-a", 5)
+    new = save_as_fitgpt(tmp_path / "ckpt.pt", tmp_path / "out" / "run-b", 4)
+    os.utime(old, (2e9, 2e9))  # run-a written last, although its name sorts first
+    os.utime(new, (1e9, 1e9))
+    notes: list[str] = []
+    ckpt = load_checkpoint(tmp_path / "out")
+    config_of(ckpt, notes)
+    assert ckpt["_path"] == str(old) and any("holds 2 runs" in n and str(old) in n for n in notes)
+    assert main(["eval", "--ckpt", str(tmp_path / "out"), f"--data.dir={shard_dir}"]) == 0
+    assert "run-a" in capsys.readouterr().out
+
+
+def test_init_from_resume_continues_a_nanogpt_out_dir(shard_dir, tmp_path, capsys):
+    """Guards issue 12: nanoGPT's `--init_from=resume --out_dir=DIR` reads DIR/ckpt.pt (it was
+    not found), and a config file given with init_from='resume' applies as overrides: its
+    shape settings that differ from the checkpoint's are ignored with a note, as in nanoGPT
+    (the run used to stop with a message about a --resume flag nobody typed)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    write_nanogpt_ckpt(out / "ckpt.pt", iter_num=3)
+    common = [f"--data.dir={shard_dir}", "--log.progress=false"]
+    assert main(["train", "--init_from=resume", f"--out_dir={out}", *common]) == 0
+    text = capsys.readouterr().out
+    assert f"resuming {out / 'ckpt.pt'} at step 3" in text and "done: completed at step 6" in text
+
+    cfg = tmp_path / "more.py"
+    cfg.write_text(f"init_from = 'resume'\nout_dir = {str(out)!r}\nn_layer = 6\nmax_iters = 8\n"
+                   f"eval_interval = 4\n")
+    assert main(["train", str(cfg), *common]) == 0
+    text = capsys.readouterr().out
+    assert "n_layer=6 not applied" in text and "keeps its checkpoint's model shape (n_layer=2)" in text
+    assert "train.max_steps 6 -> 8" in text and "eval.interval 3 -> 4" in text
+    assert "step_00000006.pt at step 6" in text and "done: completed at step 8" in text
