@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from test_nanogpt_files import FINETUNE_SHAKESPEARE  # nanoGPT's config/finetune_shakespeare.py, as shipped
 
 from fitgpt.cli import main
 from fitgpt.config import SECTIONS, Config
@@ -236,26 +237,6 @@ def test_negative_loss_chunk_is_refused(capsys):
     assert "memory.loss_chunk=-1 is out of range; valid: >= 0" in capsys.readouterr().err
 
 
-# nanoGPT's config/finetune_shakespeare.py, as shipped.
-FINETUNE_SHAKESPEARE = """\
-import time
-
-out_dir = 'out-shakespeare'
-eval_interval = 5
-eval_iters = 40
-wandb_log = False # feel free to turn on
-wandb_project = 'shakespeare'
-wandb_run_name = 'ft-' + str(time.time())
-
-dataset = 'shakespeare'
-init_from = 'gpt2-xl' # this is the largest GPT-2 model
-always_save_checkpoint = False
-batch_size = 1
-gradient_accumulation_steps = 32
-max_iters = 20
-learning_rate = 3e-5
-decay_lr = False
-"""
 
 
 def test_finetune_shakespeare_loads_and_training_says_why_not(tmp_path, capsys):
