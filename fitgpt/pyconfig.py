@@ -184,6 +184,8 @@ def _eval(node: ast.AST, names: dict[str, Any]) -> Any:
             return names[node.id]
         if node.id in ("True", "False", "None"):
             return {"True": True, "False": False, "None": None}[node.id]
+        if node.id.lower() in ("nan", "inf", "infinity"):
+            raise ConfigError(f"{node.id!r} is not a finite number: give a finite value")
         raise ConfigError(f"unknown name {node.id!r}")
     raise ConfigError(f"only literals and arithmetic are allowed, not {_short(ast.unparse(node))!r}")
 

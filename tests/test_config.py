@@ -289,6 +289,8 @@ def test_only_name_keys_fall_back_from_non_literals(tmp_path):
     ("cli:--parallel.mode=zero3", "parallel.mode: expected one of ddp, fsdp, got 'zero3'"),
     ("cli:--train.device=gpu", "train.device: expected auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
     ("cli:--memory.budget=nanGB", "memory size 'nanGB'"),
+    ("cli:--train.lr=nan", "'nan' is not a finite number"),
+    ("py:learning_rate = inf\n", "'inf' is not a finite number"),
 ])
 def test_non_finite_and_out_of_range_values_are_refused(tmp_path, capsys, source, needle):
     """Guards issue 13 item 9: NaN, infinities and out-of-range hyperparameters passed check()
