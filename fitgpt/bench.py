@@ -293,7 +293,7 @@ def render(result: dict[str, Any], console) -> None:
     from rich.table import Table
 
     if not console.is_terminal and console.width < 132:
-        console = Console(file=console.file, width=132, highlight=False, soft_wrap=True)
+        console = Console(file=console.file, width=132, highlight=False, soft_wrap=True, emoji=False)
     t = Table(show_edge=False, pad_edge=False)
     for i, name in enumerate(COLUMNS):
         t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)

@@ -219,7 +219,9 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     state = State(split=cfg.memory.micro_split, eval_batch=cfg.eval_batch_size)
     resume_notes = []
     if ckpt is not None:
-        if "optimizer" in ckpt and not distributed.load_optimizer_state(model, optimizer, ckpt["optimizer"]):
+        # an eval-only run never steps or saves: AdamW's moments would be memory the plan omits
+        if ("optimizer" in ckpt and not cfg.train.eval_only
+                and not distributed.load_optimizer_state(model, optimizer, ckpt["optimizer"])):
             resume_notes.append("the checkpoint's optimizer state is index-keyed (nanoGPT): FSDP "
                                 "starts with a fresh AdamW state")
         for obj, key in ((scaler, "scaler"), (batches, "sampler")):

@@ -199,3 +199,21 @@ def test_run_plots_and_runs_listing(shard_dir, tmp_path, capsys, monkeypatch):
     assert "note: no plots.png: plotting needs matplotlib" in capsys.readouterr().out
     assert main(["plot", str(run_dir)]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_printed_text_is_not_rewritten(capsys):
+    """A generated sample or a prompt is printed as written: rich used to turn ':smile:' into an
+    emoji even with markup off."""
+    from fitgpt.log import say
+
+    say("the :smile: and [bold]x[/bold] stay")
+    assert "the :smile: and [bold]x[/bold] stay" in capsys.readouterr().out
+
+
+def test_byte_sizes_beyond_gib_use_larger_units():
+    """A plan of a huge config used to print '1138687133.84 GiB'."""
+    from fitgpt.log import fmt_bytes
+
+    assert fmt_bytes(1.5 * 2**40) == "1.50 TiB"
+    assert fmt_bytes(3 * 2**50) == "3.00 PiB"
+    assert fmt_bytes(2**30) == "1.00 GiB"

@@ -449,3 +449,19 @@ def test_plan_reads_the_card_and_its_architecture_from_nvidia_smi(old_driver, tm
     assert gpu.memory == 81559 * MiB
     est = estimate(load_config(SEED, []), gpu=gpu)
     assert {p.name: p.bytes for p in est.train.parts}["cuBLAS workspaces"] == 2 * 32 * MiB
+
+
+def test_eval_only_resume_measures_what_the_plan_predicts(shard_dir, tmp_path):
+    """Evaluating a trained run (`--resume RUN --train.eval_only=true`) must not load the
+    checkpoint's AdamW moments either: the plan counts none, and the run never steps or saves."""
+    over = [*TINY, "--model.vocab_size=4096", "--model.n_embd=64"]
+    base = ["train", *over, f"--data.dir={shard_dir}", f"--log.out_dir={tmp_path}",
+            "--log.run_name=tr", "--eval.tokens=256", "--train.max_steps=2"]
+    assert main(base) == 0
+    run = tmp_path / "tr"
+    before = (run / "checkpoints" / "latest").read_text()
+    assert main(["train", "--resume", str(run), "--train.eval_only=true"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    measured, predicted = summary["peak_eval_bytes"], summary["predicted_eval_bytes"]
+    assert abs(predicted - measured) <= 0.03 * measured, (predicted, measured)
+    assert (run / "checkpoints" / "latest").read_text() == before
