@@ -16,7 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(highlight=False, soft_wrap=True, emoji=False)  # text is printed as written: a sample's ":smile:" stays
+# text is printed as written: no markup, and a sample's ":smile:" stays ":smile:"
+console = Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def is_main_process() -> bool:
