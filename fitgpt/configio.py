@@ -32,7 +32,6 @@ from fitgpt.pyconfig import (  # noqa: F401 - re-exported: nanoGPT files are par
     NANOGPT_ACCEPTED,
     NANOGPT_DEFAULTS,
     NANOGPT_KEYS,
-    _DataOnly,
     nanogpt_meta_vocab,
     parse_value,
     read_nanogpt_file,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +111,18 @@ def remove_stale_temps(folder: Path) -> list[str]:
             except OSError:
                 pass
     return removed
+
+
+class _PlainData(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers only. A pickle names a class or function
+    (which unpickling would import and call: how a pickle runs code) only through find_class, so
+    refusing every name refuses every payload before anything of it runs."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which unpickling would import "
+                                     f"and run")
+
+
+def load_plain_pickle(f: BinaryIO) -> Any:
+    """The plain data of a pickle (nanoGPT's meta.pkl), never code: see `_PlainData`."""
+    return _PlainData(f).load()

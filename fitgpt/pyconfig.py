@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ast
 import operator
-import pickle
 from pathlib import Path
 from typing import Any
 
 from fitgpt.errors import ConfigError
+from fitgpt.fileio import load_plain_pickle
 
 # nanoGPT's flat train.py keys (plus the seed's extras) -> fitgpt's dotted keys.
 NANOGPT_KEYS: dict[str, str] = {
@@ -242,11 +242,6 @@ def read_nanogpt_file(path: Path, notes: list[str] | None = None) -> dict[str, A
     return values
 
 
-class _DataOnly(pickle.Unpickler):
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
-
-
 def nanogpt_meta_vocab(dataset: str) -> int | None:
     """nanoGPT reads vocab_size from data/<dataset>/meta.pkl (character-level sets); so do we,
     unpickling plain data only (dicts, strings, numbers: nothing that could run code)."""
@@ -255,7 +250,8 @@ def nanogpt_meta_vocab(dataset: str) -> int | None:
         return None
     try:
         with open(meta, "rb") as f:
-            value = _DataOnly(f).load().get("vocab_size")
+            meta_data = load_plain_pickle(f)
+        value = meta_data.get("vocab_size") if isinstance(meta_data, dict) else None
     except Exception as e:  # noqa: BLE001 - any failure is the file's
         raise ConfigError(f"{meta}: not a plain nanoGPT meta.pkl ({e})") from None
     return value if isinstance(value, int) and value > 0 else None

@@ -20,7 +20,6 @@ import functools
 import importlib.util
 import logging
 import os
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import tiktoken
 import tiktoken.load
 
 from fitgpt.errors import DataError
+from fitgpt.fileio import load_plain_pickle
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,6 @@ def gpt2_encoding() -> tiktoken.Encoding:
 META_FILE = "meta.pkl"
 
 
-class _PlainData(pickle.Unpickler):
-    """Unpickles dicts, strings and numbers only. A pickle names a class or function (which
-    unpickling would import and call: how a pickle runs code) only through find_class, so
-    refusing every name refuses every payload before anything runs."""
-
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which unpickling would import "
-                                     f"and run")
-
-
 class CharVocab:
     """A character-level vocabulary from nanoGPT's meta.pkl: `stoi` (character -> id) and
     `itos` (id -> character), as nanoGPT's shakespeare_char `prepare.py` writes them. Encoding
@@ -207,7 +197,7 @@ def read_meta(path: Path) -> CharVocab:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            meta = _PlainData(f).load()
+            meta = load_plain_pickle(f)
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror})") from None
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's
