@@ -160,3 +160,18 @@ def open_run_dir(cfg: Config, run_dir: Path | None) -> tuple[Path, RunLock]:
     check_name("name", cfg.name)
     return claim_new(Path(cfg.log.out_dir), f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                      numbered=True)
+
+
+def check_not_moved(run_dir: Path, step: int | None, lock: RunLock) -> None:
+    """A resume reads its checkpoint before it holds the lock. If another process saved a later
+    checkpoint in between (it ended just before this one locked), continuing from the older one
+    would train those steps again and overwrite the newer files: refuse, and say to run again."""
+    from fitgpt.locate import checkpoint_step, fitgpt_checkpoint
+
+    path = fitgpt_checkpoint(Path(run_dir))
+    now = checkpoint_step(path) if path is not None else None
+    if now is not None and step is not None and now > step:
+        lock.release()
+        raise FitError(f"{run_dir} moved on to step {now} while this resume was reading its "
+                       f"checkpoint of step {step} (another run of it just ended); run the same "
+                       f"command again to continue from step {now}")

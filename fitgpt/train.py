@@ -196,6 +196,8 @@ def run(cfg: Config, ckpt: dict | None = None, run_dir: Path | None = None) -> d
     lock = None
     if world.main:  # only rank 0 writes the run folder, so only rank 0 locks it (fitgpt.rundir)
         run_dir, lock = rundir.open_run_dir(cfg, run_dir)
+        if ckpt is not None:
+            rundir.check_not_moved(run_dir, ckpt.get("step"), lock)
     run_dir = distributed.broadcast_object(run_dir, world)
     rt = resolve_runtime(device, cfg.train.dtype)
     data_dir = resolve_data_dir(cfg.data.dir) if world.main else None

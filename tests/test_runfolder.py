@@ -50,6 +50,24 @@ def _trained(shard_dir, tmp_path, **over) -> Path:
 
 # ----------------------------------------------------------------------------- one writer
 
+def test_resume_of_a_checkpoint_the_run_has_moved_past_is_refused(shard_dir, tmp_path):
+    """A resume reads its checkpoint before it takes the lock: when another run of the folder
+    saved a later checkpoint in between, continuing from the older one would train those steps
+    again and overwrite the newer files. Here the older checkpoint (step 3) is read, the run
+    then holds step 6: the resume is refused, naming both, and nothing is written."""
+    from fitgpt.errors import FitError
+
+    cfg = tiny_config(shard_dir, tmp_path)
+    cfg.log.keep = 3
+    run(cfg)
+    run_dir = tmp_path / "run"
+    old = load_checkpoint(run_dir / "checkpoints" / "step_00000003.pt")
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    with pytest.raises(FitError, match="moved on to step 6 while this resume was reading its checkpoint of step 3"):
+        run(tiny_config(shard_dir, tmp_path), old, run_dir)
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
+
+
 def test_resume_while_another_process_trains_the_run_is_refused(shard_dir, tmp_path, capsys):
     """Guards against two `--resume` of one run at once: both exited 0, both saved the same
     step (one's files won) and metrics.jsonl interleaved both. The second now gets one line
