@@ -123,3 +123,25 @@ def test_cli_wiring_and_imports_stay_torch_free(capsys):
     assert "--variants" in capsys.readouterr().out
     code = "import sys, fitgpt.cli, fitgpt.bench; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_golden_outputs_record_and_check(tmp_path):
+    """bench/golden.py (for refactors that must not change behaviour): a check right after a
+    record is identical, and a changed byte count in one plan is reported with exit 1."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "golden.py"
+    gold = tmp_path / "golden.json"
+    run = lambda action: subprocess.run([sys.executable, str(script), action, str(gold)],  # noqa: E731
+                                        capture_output=True, text=True)
+    assert run("record").returncode == 0
+    ok = run("check")
+    assert ok.returncode == 0 and "identical" in ok.stdout
+    data = json.loads(gold.read_text())
+    data["plans"]["gpt2-124m"]["train"]["allocated"] += 512
+    gold.write_text(json.dumps(data))
+    bad = run("check")
+    assert bad.returncode == 1 and "changed: gpt2-124m" in bad.stdout
