@@ -20,36 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-class Hub:
-    """A local hub that answers every request with 503, or never answers (``silent``)."""
-
-    def __init__(self, silent: bool = False) -> None:
-        self.silent, self.requests, self.held = silent, [], []
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            head = conn.recv(4096)
-            self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
-            if self.silent:
-                self.held.append(conn)  # keep it open, say nothing
-                continue
-            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            conn.close()
+from test_prepare import CountingHub  # noqa: E402  (the tests' local hub, one copy)
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
@@ -71,7 +50,7 @@ def main() -> None:
     for case in ("baseline", "offline", "refused", "down", "silent"):
         best, requests, line = float("inf"), 0, ""
         for _ in range(args.repeat):
-            hub = Hub(silent=case == "silent")
+            hub = CountingHub(silent=case == "silent")
             env = {**base, "HF_ENDPOINT": hub.url}
             cmd = prepare
             if case == "baseline":

@@ -539,13 +539,14 @@ def test_full_disk_leaves_no_partial_shard_and_manifest_unchanged(
 
 class CountingHub:
     """A local stand-in for the Hugging Face hub that counts the HTTP requests it gets and
-    answers each with 503 (the hub is down), so a test can see retries instead of timing them."""
+    answers each with 503 (the hub is down), so a test can see retries instead of timing them.
+    With `silent`, it accepts connections and never answers (bench/fineweb_offline_speed.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, silent: bool = False) -> None:
         import socket
         import threading
 
-        self.requests: list[str] = []
+        self.silent, self.requests, self.held = silent, [], []
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -556,11 +557,14 @@ class CountingHub:
                 conn, _ = self.server.accept()
             except OSError:
                 return
+            head = b""
+            while b"\r\n\r\n" not in head and (part := conn.recv(4096)):
+                head += part
+            self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+            if self.silent:
+                self.held.append(conn)  # keep it open, say nothing
+                continue
             with conn:
-                head = b""
-                while b"\r\n\r\n" not in head and (part := conn.recv(4096)):
-                    head += part
-                self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
                 conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
     def close(self) -> None:
