@@ -2,7 +2,7 @@
 
     python bench/compare_loss.py 6298b10 --chunks 256,2048 --repeats 3 --steps 2 [--section.key=value ...]
 
-Variants: full_logits, then for every chunk size `REV:N` (fitgpt/loss.py as it was at REV) and
+Variants: full_logits, then for every chunk size `REV:N` (fitgpt/model/loss.py as it was at REV) and
 `now:N` (as it is now), all on the bench config (default bench-cpu), in one process, order
 alternating over repeats, so the speed ratios compare the two implementations under the same
 machine load. Used for the loss.py changes recorded in docs/performance.md.
@@ -18,25 +18,25 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fitgpt.bench as bench  # noqa: E402
-import fitgpt.model as model_module  # noqa: E402
-from fitgpt.configio import load_config  # noqa: E402
-from fitgpt.log import console, say  # noqa: E402
+import fitgpt.model.gpt as model_module  # noqa: E402
+import fitgpt.train.bench as bench  # noqa: E402
+from fitgpt.config.load import load_config  # noqa: E402
+from fitgpt.console import console, say
 
 
 def loss_at(rev: str) -> types.ModuleType:
-    """fitgpt/loss.py as it was at a git revision, as a module."""
+    """fitgpt/model/loss.py as it was at a git revision, as a module."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    src = subprocess.run(["git", "show", f"{rev}:fitgpt/loss.py"], cwd=root, check=True,
+    src = subprocess.run(["git", "show", f"{rev}:fitgpt/model/loss.py"], cwd=root, check=True,
                          capture_output=True, text=True).stdout
     mod = types.ModuleType(f"loss_{rev}")
-    exec(compile(src, f"{rev}:fitgpt/loss.py", "exec"), mod.__dict__)  # our own file, from git
+    exec(compile(src, f"{rev}:fitgpt/model/loss.py", "exec"), mod.__dict__)  # our own file, from git
     return mod
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("rev", help="git revision whose fitgpt/loss.py is compared")
+    ap.add_argument("rev", help="git revision whose fitgpt/model/loss.py is compared")
     ap.add_argument("--config", default=None, help="bench config (default bench-cpu)")
     ap.add_argument("--chunks", default="256,2048")
     ap.add_argument("--steps", type=int, default=2)

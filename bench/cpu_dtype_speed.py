@@ -7,7 +7,7 @@ One forward and backward of the demo config (2 layers, n_embd 64, block 128, bat
 vocabulary), on one thread, timed in process CPU time so that other jobs on the machine do not
 move the ratio; the dtypes alternate, and the median of --repeats is reported. The second line
 turns off the CPU's AVX-512 (and its bfloat16 instructions) in PyTorch and oneDNN, standing in
-for a CPU without native bfloat16: fitgpt's note on a slow CPU dtype (fitgpt.runtime) quotes
+for a CPU without native bfloat16: fitgpt's note on a slow CPU dtype (fitgpt.model.runtime) quotes
 these ratios.
 """
 
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from fitgpt.configio import load_config
-from fitgpt.runtime import Runtime, build_model
+from fitgpt.config.load import load_config
+from fitgpt.model.runtime import Runtime, build_model
 
 
 def main() -> None:

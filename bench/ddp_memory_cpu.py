@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fitgpt.data import write_shard
-from fitgpt.log import fmt_bytes
+from fitgpt.console import fmt_bytes
+from fitgpt.data.shards import write_shard
 
 CONFIG = """name = "ddp-memory"
 [model]

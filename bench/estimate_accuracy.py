@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from test_estimate import GRID, make_cfg, measure  # noqa: E402
 
-from fitgpt.memory.estimate import estimate  # noqa: E402
+from fitgpt.planner.estimate import estimate  # noqa: E402
 
 
 def main() -> None:

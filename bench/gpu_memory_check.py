@@ -7,7 +7,7 @@ Run on a CUDA machine (about 2-4 minutes on an H100):
 The caching allocator is capped at 12 GiB with `torch.cuda.set_per_process_memory_fraction`,
 so a large card behaves like the seed's 12 GB RTX 4070 (the CUDA context is outside the cap).
 For each configuration it runs 3 training steps (2 micro-batches each) and one evaluation on
-synthetic tokens with fitgpt's own code (`fitgpt.memory.verify.verify`), and reports the
+synthetic tokens with fitgpt's own code (`fitgpt.planner.verify.verify`), and reports the
 predicted and measured peak allocated and reserved bytes of each phase, or OOM. The model is
 the seed's: 12 layers, 12 heads, n_embd 576, block 1024, vocab 50304, float16.
 
@@ -23,10 +23,10 @@ import sys
 import time
 from typing import Any
 
-from fitgpt.cli import set_allocator_env
-from fitgpt.config import Config
-from fitgpt.log import fmt_bytes, say
-from fitgpt.memory.estimate import estimate
+from fitgpt.cli.main import set_allocator_env
+from fitgpt.config.schema import Config
+from fitgpt.console import fmt_bytes, say
+from fitgpt.planner.estimate import estimate
 
 CAP = 12 * 2**30
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", type=int, nargs="*", help="run only these grid rows (0-based)")
     ap.add_argument("--gpu", help="--dry-run: the card to predict for (e.g. rtx4070, h100)")
     args = ap.parse_args(argv)
-    from fitgpt.memory.gpus import find_gpu
+    from fitgpt.planner.gpus import find_gpu
 
     rows = predictions(args.dtype, find_gpu(args.gpu) if args.gpu else None)
     if args.only:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     set_allocator_env()
     import torch
 
-    from fitgpt.memory.verify import verify
+    from fitgpt.planner.verify import verify
 
     if not torch.cuda.is_available():
         say("no CUDA device: use --dry-run on this machine")

@@ -20,7 +20,7 @@ out=${1:-/tmp/fitgpt_parallel_check}
 mkdir -p "$out/data"
 "$py" - "$out/data" <<'PY'
 import sys, numpy as np
-from fitgpt.data import write_shard
+from fitgpt.data.shards import write_shard
 rng = np.random.default_rng(0)
 write_shard(f"{sys.argv[1]}/synthetic_val_000000.bin", rng.integers(0, 50257, 300_000, dtype=np.uint16))
 write_shard(f"{sys.argv[1]}/synthetic_train_000001.bin", rng.integers(0, 50257, 2_000_000, dtype=np.uint16))

@@ -5,7 +5,7 @@ some of them):
 
     python bench/gpu_speed.py --out gpu_speed.json
 
-Four parts, each a `fitgpt.bench.run_bench` call (warm-up, timed steps, one evaluation per
+Four parts, each a `fitgpt.train.bench.run_bench` call (warm-up, timed steps, one evaluation per
 variant, order alternating over repeats, ratios within a repeat):
 
 1. `124m`: GPT-2 124M (`gpt2-124m`: 12 layers, n_embd 768, block 1024), bfloat16, compiled,
@@ -14,12 +14,12 @@ variant, order alternating over repeats, ratios within a repeat):
 2. `seed`: the seed's 77M model (`seed-77m`, float16, micro-batch 16) with the caching allocator
    capped at 12 GiB (`set_per_process_memory_fraction`, the seed's RTX 4070): the chunked loss at
    batch 16 against the full-logits path at the largest micro-batch that fits the same cap
-   (found by the planner's estimate, then confirmed by `fitgpt.memory.verify` before timing).
+   (found by the planner's estimate, then confirmed by `fitgpt.planner.verify` before timing).
 3. `chunks`: GPT-2 124M, bfloat16, eager (no compile, so that it is quick): full logits and the
    chunked loss at 512, 1024, 2048 and 4096 rows per chunk, for the CUDA default of
    memory.loss_chunk.
 4. `sync`: the cost of train_step's one host sync per optimizer step (the loss, the gradient
-   norm and the wish to stop, read together by `fitgpt.train.host_values`), by timing the 124M
+   norm and the wish to stop, read together by `fitgpt.train.loop.host_values`), by timing the 124M
    chunked run with it replaced by host-side zeros (an experiment only; training keeps it).
 
 `--dry-run` prints what would run, with the planner's predictions, without a GPU. Part 1 from
@@ -43,11 +43,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fitgpt.bench import Variant, markdown, run_bench  # noqa: E402
-from fitgpt.cli import set_allocator_env  # noqa: E402
-from fitgpt.configio import load_config  # noqa: E402
-from fitgpt.log import fmt_bytes, say  # noqa: E402
-from fitgpt.memory.estimate import estimate  # noqa: E402
+from fitgpt.cli.main import set_allocator_env  # noqa: E402
+from fitgpt.config.load import load_config  # noqa: E402
+from fitgpt.console import fmt_bytes, say
+from fitgpt.planner.estimate import estimate  # noqa: E402
+from fitgpt.train.bench import Variant, markdown, run_bench  # noqa: E402
 
 CAP = 12 * 2**30
 SEED_BATCHES = (16, 12, 8, 6, 4, 2, 1)
@@ -77,14 +77,14 @@ def full_batch_candidates(accum: int) -> list[tuple[int, int]]:
 @contextlib.contextmanager
 def no_finite_check():
     """train_step's one host sync replaced by zeros (finite, no wish to stop): experiment only."""
-    import fitgpt.train
+    import fitgpt.train.loop
 
-    real = fitgpt.train.host_values
-    fitgpt.train.host_values = lambda t: [0.0] * t.numel()  # numel() is known on the host
+    real = fitgpt.train.loop.host_values
+    fitgpt.train.loop.host_values = lambda t: [0.0] * t.numel()  # numel() is known on the host
     try:
         yield
     finally:
-        fitgpt.train.host_values = real
+        fitgpt.train.loop.host_values = real
 
 
 def part_124m(args) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def part_124m(args) -> dict[str, Any]:
 def part_seed(args) -> dict[str, Any]:
     import torch
 
-    from fitgpt.memory.verify import verify
+    from fitgpt.planner.verify import verify
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP / total))

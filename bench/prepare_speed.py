@@ -27,10 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fitgpt.demo import kjv_chapters, kjv_path
-from fitgpt.pipeline import prepare_shards
-from fitgpt.sources import ListSource
-from fitgpt.tokenizer import gpt2_encoding
+from fitgpt.data.prepare.demo import kjv_chapters, kjv_path
+from fitgpt.data.prepare.pipeline import prepare_shards
+from fitgpt.data.prepare.sources import ListSource
+from fitgpt.data.tokenizer import gpt2_encoding
 
 
 class Clock:

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from fitgpt.configio import load_config
-from fitgpt.runtime import build_model
+from fitgpt.config.load import load_config
+from fitgpt.model.runtime import build_model
 
 
 def timed(model, idx, n, kv, sampled, repeats):

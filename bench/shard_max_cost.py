@@ -1,7 +1,7 @@
 """What checking every shard's largest token id before training costs, per 100M tokens.
 
 `fitgpt train` checks that no shard holds an id >= model.vocab_size before step 0
-(fitgpt/manifest.py). Reading a shard's largest id means reading the whole shard; this script
+(fitgpt/data/manifest.py). Reading a shard's largest id means reading the whole shard; this script
 writes one shard of --tokens random GPT-2 ids (default 100M, 200 MB) in a temporary folder and
 times, best of --repeat:
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fitgpt.data import read_shard, write_shard
-from fitgpt.manifest import MANIFEST, max_token_ids
-from fitgpt.prepare import parse_count
+from fitgpt.data.manifest import MANIFEST, max_token_ids
+from fitgpt.data.prepare.command import parse_count
+from fitgpt.data.shards import read_shard, write_shard
 
 
 def evict(path: Path) -> None:

@@ -1,3 +1,3 @@
-from fitgpt.cli import main
+from fitgpt.cli.main import main
 
 raise SystemExit(main())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fitgpt.config import Config
-from fitgpt.data import write_shard
+from fitgpt.config.schema import Config
+from fitgpt.data.shards import write_shard
 
 
 def make_tokens(n: int, vocab: int, seed: int) -> np.ndarray:

@@ -8,10 +8,10 @@ import statistics
 
 import pytest
 
-from fitgpt.bench import COLUMNS, Variant, cli, markdown, parse_variants, render, table_rows
-from fitgpt.config import Config
-from fitgpt.configio import load_config
+from fitgpt.config.load import load_config
+from fitgpt.config.schema import Config
 from fitgpt.errors import ConfigError
+from fitgpt.train.bench import COLUMNS, Variant, cli, markdown, parse_variants, render, table_rows
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
         "--model.vocab_size=256", "--train.batch_size=2", "--train.grad_accum=2",
@@ -113,15 +113,15 @@ def test_bad_numbers_are_config_errors():
 
 
 def test_cli_wiring_and_imports_stay_torch_free(capsys):
-    """`fitgpt bench` is a command; importing the CLI and fitgpt.bench does not import torch."""
+    """`fitgpt bench` is a command; importing the CLI and fitgpt.train.bench does not import torch."""
     import subprocess
     import sys
 
-    from fitgpt.cli import main
+    from fitgpt.cli.main import main
 
     assert main(["bench", "--help"]) == 0
     assert "--variants" in capsys.readouterr().out
-    code = "import sys, fitgpt.cli, fitgpt.bench; sys.exit('torch' in sys.modules)"
+    code = "import sys, fitgpt.cli.main, fitgpt.train.bench; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

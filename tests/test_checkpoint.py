@@ -1,7 +1,7 @@
 """Checkpoints that unpickle but are wrong are refused in one line, before anything is built.
 
 Each case takes a real checkpoint of a tiny run (or a nanoGPT-style ckpt.pt), damages one entry,
-and runs the three commands that read checkpoints. Before fitgpt.ckptcheck every case ended in a
+and runs the three commands that read checkpoints. Before fitgpt.store.ckptcheck every case ended in a
 traceback from deep inside PyTorch (or, for the 1e6-wide config, an attempt to allocate the
 model); now each is exit code 2 with one line naming the file and the entry.
 """
@@ -14,15 +14,15 @@ import pytest
 import torch
 from conftest import make_tokens, tiny_config
 
-from fitgpt.checkpoint import find_checkpoint, load_checkpoint
-from fitgpt.cli import main
-from fitgpt.data import write_shard
+from fitgpt.cli.main import main
+from fitgpt.data.shards import write_shard
+from fitgpt.store.checkpoint import find_checkpoint, load_checkpoint
 
 
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory) -> Path:
     """A real checkpoint of one training step of the tiny model."""
-    from fitgpt.train import run
+    from fitgpt.train.loop import run
 
     root = tmp_path_factory.mktemp("good")
     shards = root / "shards"

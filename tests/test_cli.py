@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from fitgpt.cli import main, torchrun_args
-from fitgpt.configio import NANOGPT_KEYS
-from fitgpt.distributed import torchrun_command
+from fitgpt.cli.main import main, torchrun_args
+from fitgpt.config.load import NANOGPT_KEYS
+from fitgpt.train.distributed import torchrun_command
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["plan", "--help"],
@@ -71,7 +71,7 @@ def test_nproc_launch_on_cpu_with_nanogpt_nccl_backend(shard_dir, tmp_path, capf
 def test_slow_cpu_dtype_is_said_once(capsys):
     """A 16-bit dtype on a CPU without native arithmetic for it costs 18-20x per step (measured):
     one note, with the way back to float32; none where the CPU has the instructions."""
-    from fitgpt.runtime import _NOTED, resolve_runtime
+    from fitgpt.model.runtime import _NOTED, resolve_runtime
 
     _NOTED.clear()
     native = torch.ops.mkldnn._is_mkldnn_fp16_supported()
@@ -88,7 +88,7 @@ def test_slow_cpu_dtype_is_said_once(capsys):
 def test_bfloat16_note_follows_the_cpus_instructions(tmp_path):
     """bfloat16 is fast on CPUs with bfloat16 instructions (this one's AVX-512 BF16) and slow
     without: the same process limited to AVX2 (a real CPU feature limit, not a mock) says so."""
-    code = ("import torch; from fitgpt.runtime import resolve_runtime; "
+    code = ("import torch; from fitgpt.model.runtime import resolve_runtime; "
             "print('native', torch.ops.mkldnn._is_mkldnn_bf16_supported()); "
             "resolve_runtime('cpu', 'bfloat16')")
     for env in ({}, {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}):

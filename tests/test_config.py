@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from test_nanogpt_files import FINETUNE_SHAKESPEARE  # nanoGPT's config/finetune_shakespeare.py, as shipped
 
-from fitgpt.cli import main
-from fitgpt.config import SECTIONS, Config
-from fitgpt.configio import (
+from fitgpt.cli.main import main
+from fitgpt.config.load import (
     field_docs,
     help_text,
     load_config,
@@ -19,6 +18,7 @@ from fitgpt.configio import (
     read_nanogpt_file,
     to_toml,
 )
+from fitgpt.config.schema import SECTIONS, Config
 from fitgpt.errors import ConfigError
 
 SEED = Path(__file__).parent.parent / "fitgpt" / "configs" / "seed-77m.py"
@@ -194,7 +194,7 @@ def test_corrupt_shard_header_is_exit_2(shard_dir, tmp_path, capsys):
 
 def test_allocator_env(monkeypatch):
     """Both allocator variables are set before torch loads, unless the user set either."""
-    from fitgpt.cli import set_allocator_env
+    from fitgpt.cli.main import set_allocator_env
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
@@ -309,7 +309,7 @@ def test_non_finite_and_out_of_range_values_are_refused(tmp_path, capsys, source
 def test_every_number_field_has_its_valid_range_beside_it():
     """One edit per field: every int and float field carries a Range in its annotation, and
     the help shows it."""
-    from fitgpt.configio import field_ranges, field_types
+    from fitgpt.config.load import field_ranges, field_types
 
     numeric = [k for k, tp in field_types().items()
                if {int, float} & ({tp} | set(getattr(tp, "__args__", ())))]

@@ -1,4 +1,4 @@
-"""Tests for fitgpt.data: shard files, split discovery, train batches, val windows, writer."""
+"""Tests for fitgpt.data.shards: shard files, split discovery, train batches, val windows, writer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fitgpt.data import (
+from fitgpt.data.shards import (
     HEADER_BYTES,
     MAGIC,
     TrainBatches,
@@ -21,8 +21,8 @@ from fitgpt.data import (
     write_shard,
     write_token_shards,
 )
+from fitgpt.data.tokenizer import EOT
 from fitgpt.errors import DataError
-from fitgpt.tokenizer import EOT
 
 
 def _ramp(n: int, start: int = 0) -> np.ndarray:
@@ -327,7 +327,7 @@ def test_bad_token_id_stops_before_step_0(shard_dir: Path, tmp_path: Path) -> No
     the position and id, and a vocab_size that a new run accepts."""
     from conftest import tiny_config
 
-    from fitgpt.train import run
+    from fitgpt.train.loop import run
 
     _plant_bad_id(shard_dir)
     with pytest.raises(DataError, match=r"tiny_train_000003\.bin: token id 300 >= model\.vocab_size 256 at "
@@ -345,8 +345,8 @@ def test_bad_token_id_on_resume_suggests_a_fix_resume_accepts(shard_dir: Path, t
     message on resume says to take the shard out, and resuming after that works."""
     from conftest import tiny_config
 
-    from fitgpt.resume import resume_config
-    from fitgpt.train import run
+    from fitgpt.store.resume import resume_config
+    from fitgpt.train.loop import run
 
     first = run(tiny_config(shard_dir, tmp_path / "runs", train__max_steps=1, eval__interval=1,
                             memory__track=False))
@@ -365,13 +365,13 @@ def test_largest_id_is_cached(shard_dir: Path, tmp_path: Path, monkeypatch: pyte
     """Guards against re-reading every shard at every start (10B tokens: tens of seconds): the
     largest id comes from the manifest entry `fitgpt prepare` wrote, else from the cache, which
     a rewritten shard invalidates."""
-    from fitgpt import manifest
+    from fitgpt.data import manifest
 
     shards = sorted(shard_dir.glob("*.bin"))
     reads: list[str] = []
-    import fitgpt.data as data
+    import fitgpt.data.shards as data
 
-    original = data.read_shard  # fitgpt.manifest reads shards through it
+    original = data.read_shard  # fitgpt.data.manifest reads shards through it
     monkeypatch.setattr(data, "read_shard", lambda p: reads.append(Path(p).name) or original(p))
     first = manifest.max_token_ids(shards)
     assert sorted(reads) == sorted(p.name for p in shards) and max(first.values()) < 256

@@ -1,4 +1,4 @@
-"""Tests for fitgpt.demo: preparing and reusing the built-in King James corpus."""
+"""Tests for fitgpt.data.prepare.demo: preparing and reusing the built-in King James corpus."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fitgpt import demo
-from fitgpt.data import find_splits, read_shard
+from fitgpt.data.prepare import demo
+from fitgpt.data.shards import find_splits, read_shard
+from fitgpt.data.tokenizer import EOT
 from fitgpt.errors import DataError
-from fitgpt.tokenizer import EOT
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_demo_run_ends_with_plots_png(prepared: Path, tmp_path: Path, monkeypatc
     not an extra)."""
     from test_plots import distinct_colours, png_size
 
-    from fitgpt.cli import main
+    from fitgpt.cli.main import main
 
     monkeypatch.setenv("FITGPT_CACHE", str(prepared.parent))
     monkeypatch.chdir(tmp_path)

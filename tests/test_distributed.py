@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fitgpt.checkpoint import load_checkpoint
-from fitgpt.configio import to_toml
-from fitgpt.resume import resume_config
-from fitgpt.train import run
+from fitgpt.config.load import to_toml
+from fitgpt.store.checkpoint import load_checkpoint
+from fitgpt.store.resume import resume_config
+from fitgpt.train.loop import run
 
 
 def torchrun(args: list[str], env: dict | None = None, timeout: int = 240):
@@ -203,8 +203,8 @@ def test_fsdp2_on_cpu(shards, tmp_path):
 def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
     """A run saved on 8 GPUs and resumed where fewer are visible (or torchrun asked for too many
     processes) names the limit instead of failing inside CUDA."""
-    from fitgpt import distributed
     from fitgpt.errors import ConfigError
+    from fitgpt.train import distributed
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")

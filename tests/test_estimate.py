@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitgpt.config import Config
-from fitgpt.evaluate import evaluate
-from fitgpt.memory import blocks
-from fitgpt.memory.estimate import CUDA_CONTEXT, estimate
-from fitgpt.memory.gpus import cublas_workspace, find_gpu
-from fitgpt.memory.timeline import Timeline, r
-from fitgpt.memory.tracker import StorageTracker, rounded
-from fitgpt.model import GPT, GPTShape
-from fitgpt.runtime import Runtime, build_model
-from fitgpt.train import train_step
+from fitgpt.config.schema import Config
+from fitgpt.eval.evaluate import evaluate
+from fitgpt.model.gpt import GPT, GPTShape
+from fitgpt.model.runtime import Runtime, build_model
+from fitgpt.planner import blocks
+from fitgpt.planner.estimate import CUDA_CONTEXT, estimate
+from fitgpt.planner.gpus import cublas_workspace, find_gpu
+from fitgpt.planner.timeline import Timeline, r
+from fitgpt.planner.tracker import StorageTracker, rounded
+from fitgpt.train.loop import train_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MiB = 2**20

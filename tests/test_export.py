@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers  # in the dev extra, so tested for real
 
-from fitgpt.cli import main
-from fitgpt.config import Config
-from fitgpt.configio import to_dict
-from fitgpt.export import ExportError, export_hf
-from fitgpt.runtime import build_model
+from fitgpt.cli.main import main
+from fitgpt.config.load import to_dict
+from fitgpt.config.schema import Config
+from fitgpt.model.runtime import build_model
+from fitgpt.report.export import ExportError, export_hf
 
 
 def perturbed(vocab=250, bias=False, block=16, seed=0):
@@ -61,7 +61,7 @@ def test_exported_model_has_the_same_logits(bias, tmp_path):
 def test_export_command_writes_a_loadable_folder_with_tokenizer(tmp_path, capsys):
     """Guards `fitgpt export` end to end for a GPT-2-vocabulary model: model, config and
     tokenizer files load in transformers; the tokenizer gives tiktoken's ids."""
-    from fitgpt.tokenizer import gpt2_encoding, offline_bpe_files
+    from fitgpt.data.tokenizer import gpt2_encoding, offline_bpe_files
 
     cfg, model = perturbed(vocab=50257, block=32)
     ckpt = tmp_path / "m.pt"

@@ -20,9 +20,9 @@ def _worker(out: Path) -> None:
     """Two optimizer steps through fitgpt's own wrap, scaler and train_step, then a probe."""
     from conftest import tiny_config
 
-    from fitgpt import distributed
-    from fitgpt.runtime import Runtime, build_model
-    from fitgpt.train import train_step
+    from fitgpt.model.runtime import Runtime, build_model
+    from fitgpt.train import distributed
+    from fitgpt.train.loop import train_step
 
     world, _ = distributed.init("cpu", "gloo")
     rt = Runtime(torch.device("cpu"), torch.float16)

@@ -9,12 +9,12 @@ import re
 import pytest
 import torch
 
-from fitgpt.cli import main
-from fitgpt.config import Config
-from fitgpt.configio import to_dict
+from fitgpt.cli.main import main
+from fitgpt.config.load import to_dict
+from fitgpt.config.schema import Config
 from fitgpt.errors import DataError
-from fitgpt.hellaswag import Example, ending_losses, read_examples, rows_of, score
-from fitgpt.runtime import Runtime, build_model
+from fitgpt.eval.hellaswag import Example, ending_losses, read_examples, rows_of, score
+from fitgpt.model.runtime import Runtime, build_model
 
 ALPHABET = " abcdefghijklmno"  # 16 ids: ' ' is 0, 'a' is 1, ...
 SCALE = 2.0
@@ -114,7 +114,7 @@ def test_malformed_file_names_the_line(tmp_path):
 def test_eval_task_hellaswag_command(tmp_path, capsys):
     """Guards `fitgpt eval --task hellaswag --file F --ckpt C` on a GPT-2-vocabulary model:
     it prints the same scores as scoring directly."""
-    from fitgpt.tokenizer import gpt2_encoding
+    from fitgpt.data.tokenizer import gpt2_encoding
 
     cfg = Config(name="tiny")
     m = cfg.model

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitgpt.loss import chunked_cross_entropy, full_cross_entropy
+from fitgpt.model.loss import chunked_cross_entropy, full_cross_entropy
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from fitgpt.config import Config
-from fitgpt.evaluate import evaluate
-from fitgpt.memory.tracker import StorageTracker, rounded
-from fitgpt.runtime import Runtime, build_model
-from fitgpt.train import train_step
+from fitgpt.config.schema import Config
+from fitgpt.eval.evaluate import evaluate
+from fitgpt.model.runtime import Runtime, build_model
+from fitgpt.planner.tracker import StorageTracker, rounded
+from fitgpt.train.loop import train_step
 
 CPU = Runtime(torch.device("cpu"), torch.float32)
 

@@ -13,18 +13,18 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fitgpt import report
-from fitgpt.cli import main
-from fitgpt.config import Config
-from fitgpt.data import ValWindows, find_splits, write_shard
+from fitgpt.cli.main import main
+from fitgpt.config.schema import Config
+from fitgpt.data.shards import ValWindows, find_splits, write_shard
+from fitgpt.data.tokenizer import gpt2_encoding
 from fitgpt.errors import ConfigError
-from fitgpt.evaluate import EvalResult, evaluate, token_bytes
-from fitgpt.log import RunLog
-from fitgpt.memory.fit import flops_per_token
-from fitgpt.runs import list_runs, params_of, runs_table
-from fitgpt.runtime import Runtime, build_model
-from fitgpt.tokenizer import gpt2_encoding
-from fitgpt.train import State, run
+from fitgpt.eval.evaluate import EvalResult, evaluate, token_bytes
+from fitgpt.model.runtime import Runtime, build_model
+from fitgpt.planner.fit import flops_per_token
+from fitgpt.report import metrics as report
+from fitgpt.report.log import RunLog
+from fitgpt.report.runs import list_runs, params_of, runs_table
+from fitgpt.train.loop import State, run
 
 CPU = Runtime(torch.device("cpu"), torch.float32)
 
@@ -75,7 +75,7 @@ def test_mfu_matches_nanogpts_estimate_for_gpt2_124m(monkeypatch):
     flops per token = 6N + 12 L H Q T = 742,136,832 + 12 x 12 x 12 x 64 x 1024 (113,246,208)
                     = 855,383,040
     MFU = 855,383,040 x 100,000 / 312e12 = 8.5538304e13 / 3.12e14 = 0.27416123..."""
-    from fitgpt.memory.gpus import find_gpu
+    from fitgpt.planner.gpus import find_gpu
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = Config()
@@ -89,7 +89,7 @@ def test_mfu_matches_nanogpts_estimate_for_gpt2_124m(monkeypatch):
     # no GPU here: the card is the table's A100, as current_gpu would report it on one
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr("fitgpt.memory.gpus.current_gpu", lambda i: find_gpu("a100-80gb"))
+    monkeypatch.setattr("fitgpt.planner.gpus.current_gpu", lambda i: find_gpu("a100-80gb"))
     try:
         cfg.train.device = "auto"
         assert report.mfu(cfg, 1e5) == pytest.approx(0.27416123076923077, rel=1e-12)
@@ -204,7 +204,7 @@ def test_run_plots_and_runs_listing(shard_dir, tmp_path, capsys, monkeypatch):
 def test_printed_text_is_not_rewritten(capsys):
     """A generated sample or a prompt is printed as written: rich used to turn ':smile:' into an
     emoji even with markup off."""
-    from fitgpt.log import say
+    from fitgpt.console import say
 
     say("the :smile: and [bold]x[/bold] stay")
     assert "the :smile: and [bold]x[/bold] stay" in capsys.readouterr().out
@@ -212,7 +212,7 @@ def test_printed_text_is_not_rewritten(capsys):
 
 def test_byte_sizes_beyond_gib_use_larger_units():
     """A plan of a huge config used to print '1138687133.84 GiB'."""
-    from fitgpt.log import fmt_bytes
+    from fitgpt.console import fmt_bytes
 
     assert fmt_bytes(1.5 * 2**40) == "1.50 TiB"
     assert fmt_bytes(3 * 2**50) == "3.00 PiB"

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from fitgpt.config import Config
-from fitgpt.configio import load_config
-from fitgpt.loss import chunked_cross_entropy, full_cross_entropy
-from fitgpt.model import GPT, GPTShape
-from fitgpt.parallelize import apply_activation_checkpointing
-from fitgpt.runtime import build_model
+from fitgpt.config.load import load_config
+from fitgpt.config.schema import Config
+from fitgpt.model.gpt import GPT, GPTShape
+from fitgpt.model.loss import chunked_cross_entropy, full_cross_entropy
+from fitgpt.model.runtime import build_model
+from fitgpt.train.parallelize import apply_activation_checkpointing
 
 
 def tiny_model(vocab=512, bias=False, dropout=0.0, seed=0):

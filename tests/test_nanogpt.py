@@ -7,14 +7,14 @@ import re
 import pytest
 import torch
 
-from fitgpt.checkpoint import load_checkpoint
-from fitgpt.cli import main
-from fitgpt.config import Config
-from fitgpt.configio import NANOGPT_DEFAULTS
-from fitgpt.data import ValWindows, find_splits
-from fitgpt.evaluate import evaluate
-from fitgpt.resume import config_of, load_model
-from fitgpt.runtime import Runtime, build_model
+from fitgpt.cli.main import main
+from fitgpt.config.load import NANOGPT_DEFAULTS
+from fitgpt.config.schema import Config
+from fitgpt.data.shards import ValWindows, find_splits
+from fitgpt.eval.evaluate import evaluate
+from fitgpt.model.runtime import Runtime, build_model
+from fitgpt.store.checkpoint import load_checkpoint
+from fitgpt.store.resume import config_of, load_model
 
 # nanoGPT's model.py registers, per block: ln_1, attn (c_attn, c_proj), ln_2, mlp (c_fc, c_proj);
 # before the blocks wte and wpe, after them ln_f; lm_head's weight is wte's (tied, listed once).
@@ -155,7 +155,7 @@ def test_padded_gpt2_vocab_samples_and_exports(tmp_path, capsys):
 
 def save_as_fitgpt(nanogpt_path, run_dir, step):
     """The nanoGPT checkpoint converted and saved as fitgpt's checkpoints/step_N.pt + latest."""
-    from fitgpt.checkpoint import save_checkpoint
+    from fitgpt.store.checkpoint import save_checkpoint
 
     ckpt = load_checkpoint(nanogpt_path)
     config_of(ckpt, [])
@@ -183,7 +183,7 @@ def test_folder_with_both_checkpoints_takes_the_one_further_along(tmp_path, nano
 
 def test_ckpt_out_dir_finds_the_newest_run_inside(shard_dir, tmp_path, capsys):
     """Guards issue 12: `--ckpt OUT_DIR` for a folder of runs (OUT_DIR/<run>/checkpoints/...,
-    as fitgpt.report lays them out) takes the run written last, and says so."""
+    as fitgpt.report.metrics lays them out) takes the run written last, and says so."""
     import os
 
     write_nanogpt_ckpt(tmp_path / "ckpt.pt")

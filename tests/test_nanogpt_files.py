@@ -14,7 +14,7 @@ import pickle
 import numpy as np
 import pytest
 
-from fitgpt.cli import main
+from fitgpt.cli.main import main
 
 FINETUNE_SHAKESPEARE = """\
 import time

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fitgpt.cli import main
-from fitgpt.config import Config
-from fitgpt.configio import load_config, parse_size
+from fitgpt.cli.main import main
+from fitgpt.config.load import load_config, parse_size
+from fitgpt.config.schema import Config
 from fitgpt.errors import ConfigError
-from fitgpt.memory.estimate import estimate
-from fitgpt.memory.fit import auto_fit, flops_per_token, overrides_of, predicted_throughput, proposals, utilisation
-from fitgpt.memory.gpus import MiB, find_gpu, lookup, smi_gpu
-from fitgpt.memory.plan import make_plan, prepare_training
-from fitgpt.memory.verify import verify
-from fitgpt.model import GPT, GPTShape
-from fitgpt.runtime import Runtime
+from fitgpt.model.gpt import GPT, GPTShape
+from fitgpt.model.runtime import Runtime
+from fitgpt.planner.estimate import estimate
+from fitgpt.planner.fit import auto_fit, flops_per_token, overrides_of, predicted_throughput, proposals, utilisation
+from fitgpt.planner.gpus import MiB, find_gpu, lookup, smi_gpu
+from fitgpt.planner.plan import make_plan, prepare_training
+from fitgpt.planner.verify import verify
 
 ROOT = Path(__file__).parent.parent
 SEED = str(ROOT / "fitgpt" / "configs" / "seed-77m.py")
@@ -390,7 +390,7 @@ def test_card_detection_queries_only_this_ranks_gpu(monkeypatch):
     monkeypatch.setattr(cuda, "get_device_name", record("name", Props.name))
     monkeypatch.setattr(cuda, "current_device", record("current_device", 0))
     monkeypatch.setattr(cuda, "is_bf16_supported", record("is_bf16_supported", True))
-    monkeypatch.setattr("fitgpt.runtime.resolve_runtime",
+    monkeypatch.setattr("fitgpt.model.runtime.resolve_runtime",
                         lambda device, dtype: Runtime(torch.device("cuda"), torch.bfloat16))
     for key, value in (("RANK", "3"), ("LOCAL_RANK", "3"), ("WORLD_SIZE", "4")):
         monkeypatch.setenv(key, value)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fitgpt.cli import main
+from fitgpt.cli.main import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,7 +30,7 @@ def test_plan_png_draws_the_plan_without_torch(tmp_path):
     """Guards `fitgpt plan --png`: a real PNG of the seed's config on its card (a picture, not a
     blank canvas), written by the plan command, which still imports no torch."""
     out = tmp_path / "plan.png"
-    code = ("import sys; from fitgpt.cli import main; "
+    code = ("import sys; from fitgpt.cli.main import main; "
             f"rc = main(['plan', 'seed-77m', '--gpu', 'rtx4070', '--png', {str(out)!r}]); "
             "sys.exit(rc or 10 * ('torch' in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -70,7 +70,7 @@ def test_png_write_failure_leaves_no_file(tmp_path):
     and leaves neither a half-written PNG nor its temporary file."""
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
             "import signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "from fitgpt.cli import main; "
+            "from fitgpt.cli.main import main; "
             f"sys.exit(main(['plan', 'seed-77m', '--gpu', 'rtx4070', '--png', {str(tmp_path / 'p.png')!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
@@ -91,9 +91,9 @@ def test_matplotlib_is_a_dependency_imported_only_to_draw():
     meta = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
     assert any(d.replace(" ", "").startswith("matplotlib>=") for d in meta["dependencies"])
     assert not any(d.startswith("matplotlib") for ds in meta["optional-dependencies"].values() for d in ds)
-    code = ("import sys, contextlib, io, fitgpt, fitgpt.cli\n"
+    code = ("import sys, contextlib, io, fitgpt, fitgpt.cli.main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    fitgpt.cli.main(['plan', 'seed-77m', '--gpu', 'rtx4070'])\n"
+            "    fitgpt.cli.main.main(['plan', 'seed-77m', '--gpu', 'rtx4070'])\n"
             "sys.exit('matplotlib' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -104,8 +104,8 @@ def test_phase_peaks_compare_measured_with_predicted(tmp_path):
     and no prediction, and still draws."""
     import json
 
-    from fitgpt.plots import phase_peaks
-    from fitgpt.runs import plot_runs, read_run
+    from fitgpt.report.plots import phase_peaks
+    from fitgpt.report.runs import plot_runs, read_run
 
     run = tmp_path / "r"
     run.mkdir()
@@ -125,10 +125,10 @@ def test_phase_peaks_compare_measured_with_predicted(tmp_path):
 def test_eval_only_plan_draws_no_training_step():
     """An eval-only run (nanoGPT's eval_gpt2*.py) never trains: its picture has the evaluation
     bar alone, so no 28 GiB training bar of AdamW state that will never exist."""
-    from fitgpt.config import Config
-    from fitgpt.memory.gpus import find_gpu
-    from fitgpt.memory.plan import make_plan
-    from fitgpt.plots import _plan_data
+    from fitgpt.config.schema import Config
+    from fitgpt.planner.gpus import find_gpu
+    from fitgpt.planner.plan import make_plan
+    from fitgpt.report.plots import _plan_data
 
     cfg = Config(name="eval")
     cfg.train.eval_only = True

@@ -17,13 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fitgpt import pipeline
-from fitgpt.cli import main
-from fitgpt.data import HEADER_BYTES, MAGIC, find_splits, read_shard, write_token_shards
+from fitgpt.cli.main import main
+from fitgpt.data.inspect import cmd_data
+from fitgpt.data.prepare import pipeline
+from fitgpt.data.prepare.command import Progress, cmd_prepare, parse_count
+from fitgpt.data.shards import HEADER_BYTES, MAGIC, find_splits, read_shard, write_token_shards
+from fitgpt.data.tokenizer import EOT, gpt2_encoding
 from fitgpt.errors import DataError
-from fitgpt.inspect_data import cmd_data
-from fitgpt.prepare import Progress, cmd_prepare, parse_count
-from fitgpt.tokenizer import EOT, gpt2_encoding
 
 WORDS = ("the quick brown fox jumps over a lazy dog and then some words follow here with "
          "café naïve 東京 🙂 numbers 1234 5678 punctuation ; : ! ? <|endoftext|> tabs\tand\nlines").split(" ")
@@ -120,7 +120,7 @@ def test_pipeline_matches_the_old_demo_writer(tmp_path: Path) -> None:
     enc = gpt2_encoding()
     old = write_token_shards([enc.encode_ordinary(d) for d in docs], tmp_path / "a", "x",
                              val_tokens=64, shard_tokens=256)
-    from fitgpt.sources import ListSource
+    from fitgpt.data.prepare.sources import ListSource
 
     new = pipeline.prepare_shards(ListSource(docs, {"kind": "list"}), tmp_path / "b", "x", val_tokens=64,
                                   shard_tokens=256)
@@ -444,7 +444,7 @@ def test_text_inputs_in_every_format_and_unit(tmp_path: Path) -> None:
 
 def test_token_ids_beyond_uint16_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards against ids >= 65536 being wrapped silently into uint16 shards."""
-    import fitgpt.encode as encode
+    import fitgpt.data.prepare.encode as encode
 
     class Wide:  # a tokenizer with a larger vocabulary
         def __getattr__(self, name):

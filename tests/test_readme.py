@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fitgpt.cli import main
+from fitgpt.cli.main import main
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -155,7 +155,7 @@ def shard_files(tmp_path_factory):
     """llm.c shards of random ids below 256 (valid GPT-2 ids)."""
     import numpy as np
 
-    from fitgpt.data import write_shard
+    from fitgpt.data.shards import write_shard
 
     d = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
@@ -202,10 +202,10 @@ def parse_only(argv: list[str], child: bool = False) -> None:
     config loading, and for torchrun lines and `--nproc`, torchrun's own parser."""
     from torch.distributed.run import get_args_parser
 
-    from fitgpt.bench import parse_variants
-    from fitgpt.cli import split_args, torchrun_args
-    from fitgpt.configio import load_config
-    from fitgpt.distributed import torchrun_command
+    from fitgpt.cli.main import split_args, torchrun_args
+    from fitgpt.config.load import load_config
+    from fitgpt.train.bench import parse_variants
+    from fitgpt.train.distributed import torchrun_command
 
     if argv[0] == "torchrun":
         ns = get_args_parser().parse_args(argv[1:])

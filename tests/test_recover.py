@@ -18,12 +18,12 @@ import pytest
 import torch
 from conftest import make_tokens, tiny_config
 
-from fitgpt.checkpoint import load_checkpoint
-from fitgpt.cli import main
-from fitgpt.configio import to_toml
-from fitgpt.data import write_shard
-from fitgpt.resume import resume_config
-from fitgpt.train import run
+from fitgpt.cli.main import main
+from fitgpt.config.load import to_toml
+from fitgpt.data.shards import write_shard
+from fitgpt.store.checkpoint import load_checkpoint
+from fitgpt.store.resume import resume_config
+from fitgpt.train.loop import run
 
 ROOT = Path(__file__).parent.parent
 
@@ -256,8 +256,8 @@ def test_second_ctrl_c_exits_at_once_without_damage(shard_dir, tmp_path):
 
 def test_out_of_memory_message_quotes_the_planner():
     """The give-up message carries the planner's best fitting change for the budget."""
-    from fitgpt.configio import load_config
-    from fitgpt.memory.recover import best_suggestion
+    from fitgpt.config.load import load_config
+    from fitgpt.train.recover import best_suggestion
 
     cfg = load_config("seed-77m", ["--memory.loss=full", "--eval.batch_size=16",
                                    "--memory.budget=12GB"])

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from fitgpt.checkpoint import load_checkpoint
-from fitgpt.cli import main
-from fitgpt.configio import to_toml
+from fitgpt.cli.main import main
+from fitgpt.config.load import to_toml
 from fitgpt.fileio import atomic_write, create_exclusive, open_append, temp_name
-from fitgpt.rundir import LOCK_NAME, claim_new
-from fitgpt.train import run
+from fitgpt.store.checkpoint import load_checkpoint
+from fitgpt.store.rundir import LOCK_NAME, claim_new
+from fitgpt.train.loop import run
 
-HOLD = ("import sys; from pathlib import Path; from fitgpt.rundir import lock_run_dir; "
+HOLD = ("import sys; from pathlib import Path; from fitgpt.store.rundir import lock_run_dir; "
         "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()")
 
 
@@ -238,7 +238,7 @@ def test_atomic_write_replaces_a_link_and_refuses_one_at_the_temporary_name(tmp_
 WRITE_JSON_FULL_DISK = """
 import resource, signal, sys
 from pathlib import Path
-from fitgpt.report import write_json
+from fitgpt.report.metrics import write_json
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 try:

@@ -7,12 +7,12 @@ import re
 import pytest
 import torch
 
-from fitgpt.cli import main
-from fitgpt.config import Config
-from fitgpt.configio import to_dict
-from fitgpt.model import KVCache, sample_next
-from fitgpt.runtime import build_model
-from fitgpt.sample import crop_prompt
+from fitgpt.cli.main import main
+from fitgpt.config.load import to_dict
+from fitgpt.config.schema import Config
+from fitgpt.eval.sample import crop_prompt
+from fitgpt.model.gpt import KVCache, sample_next
+from fitgpt.model.runtime import build_model
 
 
 def tiny(vocab=256, block=16, bias=False, seed=0):
@@ -156,7 +156,7 @@ def char_run(tmp_path_factory):
     with the end-of-run sample on; shared by the tests below (none of them changes it)."""
     from conftest import tiny_config
 
-    from fitgpt.train import run
+    from fitgpt.train.loop import run
 
     root = tmp_path_factory.mktemp("char")
     data = root / "data" / "shakespeare_char"
@@ -174,7 +174,7 @@ def test_char_level_dataset_samples_through_its_meta_pkl(char_run, capsys):
     output decoded with meta.pkl's stoi/itos (as nanoGPT's sample.py does), both by `fitgpt
     sample` and by the end-of-run sample; checked against the model's own greedy ids decoded
     here through the pickled itos."""
-    from fitgpt.resume import load_model
+    from fitgpt.store.resume import load_model
 
     summary, itos, _ = char_run
     assert summary["sample"].startswith("ROMEO:")
@@ -204,7 +204,7 @@ def test_nanogpt_char_checkpoint_samples_from_data_dataset_meta(char_run, tmp_pa
     sample.py does, and decodes through it."""
     import shutil
 
-    from fitgpt.checkpoint import load_checkpoint
+    from fitgpt.store.checkpoint import load_checkpoint
 
     summary, itos, data = char_run
     shutil.copytree(data, tmp_path / "data" / "shakespeare_char")
@@ -233,8 +233,8 @@ def test_char_level_eval_reports_bits_per_byte(char_run, capsys):
 
     import numpy as np
 
-    from fitgpt.data import ValWindows, find_splits
-    from fitgpt.resume import eval_checkpoint
+    from fitgpt.data.shards import ValWindows, find_splits
+    from fitgpt.store.resume import eval_checkpoint
 
     summary, itos, data = char_run
     res = eval_checkpoint(summary["run_dir"], [])

@@ -1,4 +1,4 @@
-"""Tests for fitgpt.tokenizer: the offline GPT-2 encoding and its failure message."""
+"""Tests for fitgpt.data.tokenizer: the offline GPT-2 encoding and its failure message."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from fitgpt import tokenizer
+from fitgpt.data import tokenizer
+from fitgpt.data.tokenizer import EOT, gpt2_encoding
 from fitgpt.errors import DataError
-from fitgpt.tokenizer import EOT, gpt2_encoding
 
 
 @pytest.fixture

@@ -12,15 +12,15 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fitgpt.checkpoint import load_checkpoint
-from fitgpt.cli import main
-from fitgpt.config import Config
-from fitgpt.data import ValWindows, find_splits
+from fitgpt.cli.main import main
+from fitgpt.config.schema import Config
+from fitgpt.data.shards import ValWindows, find_splits
 from fitgpt.errors import CheckpointError, ConfigError
-from fitgpt.evaluate import evaluate
-from fitgpt.resume import resume_config
-from fitgpt.runtime import Runtime, build_model
-from fitgpt.train import lr_at, run
+from fitgpt.eval.evaluate import evaluate
+from fitgpt.model.runtime import Runtime, build_model
+from fitgpt.store.checkpoint import load_checkpoint
+from fitgpt.store.resume import resume_config
+from fitgpt.train.loop import lr_at, run
 
 SEED = Path(__file__).parent.parent / "fitgpt" / "configs" / "seed-77m.py"
 
@@ -129,7 +129,7 @@ def test_end_of_run_sample_is_skipped_not_fatal(shard_dir, tmp_path, monkeypatch
     """eval.sample_tokens with a vocabulary smaller than GPT-2's, or with no tokenizer files (an
     offline machine), skips the sample with a note; the run still completes and writes its
     summary. With the GPT-2 vocabulary and the tokenizer present, the sample is in the summary."""
-    import fitgpt.tokenizer
+    import fitgpt.data.tokenizer
     from fitgpt.errors import DataError
 
     s = run(tiny_config(shard_dir, tmp_path / "a", train__max_steps=2, eval__sample_tokens=4))
@@ -144,7 +144,7 @@ def test_end_of_run_sample_is_skipped_not_fatal(shard_dir, tmp_path, monkeypatch
     def offline():
         raise DataError("no GPT-2 tokenizer files")
 
-    monkeypatch.setattr(fitgpt.tokenizer, "gpt2_encoding", offline)
+    monkeypatch.setattr(fitgpt.data.tokenizer, "gpt2_encoding", offline)
     s = run(tiny_config(shard_dir, tmp_path / "c", **big))
     assert s["status"] == "completed" and "sample" not in s
     assert "no sample: no GPT-2 tokenizer files" in capsys.readouterr().out

@@ -1,0 +1,357 @@
+"""Predict the peak memory of a training step and of an evaluation pass, before allocating.
+
+The estimate replays fitgpt's own code paths as a timeline of allocations and frees (every size
+rounded up to 512 bytes, as the CUDA caching allocator and the CPU tracker round): the forward
+pass block by block with what autograd saves, the loss (full or chunked), the backward pass,
+gradient accumulation, gradient clipping and the AdamW step, then evaluation under no_grad.
+The peak of that timeline is the prediction of `torch.cuda.max_memory_allocated` (or of the CPU
+storage tracker); what is alive at the peak, grouped by kind, is the breakdown. On CUDA the
+framework overhead outside PyTorch's accounting is added on top. Pure Python: no torch import.
+
+Device differences followed (see ../shared/notes/memory.md): the loss casts explicitly, so its
+memory does not depend on the device's autocast policy; CUDA uses fused AdamW (no temporaries),
+the CPU the per-tensor loop (two temporaries of the largest parameter); attention and dropout
+differ by device (see `fitgpt.planner.blocks`). On CUDA, PyTorch's cuBLAS workspaces come from
+the caching allocator, one per thread that runs matmuls (the forward thread, and autograd's
+for backward), and stay allocated: they are inside the allocated peak. An eval-only run holds
+no AdamW state and has run no backward (one workspace).
+"""
+
+from __future__ import annotations
+
+from fitgpt.config.schema import Config
+from fitgpt.console import fmt_bytes
+from fitgpt.planner.blocks import Blocks, Shape, shape_of
+from fitgpt.planner.gpus import Gpu, cublas_workspace
+from fitgpt.planner.timeline import Estimate, Part, PhaseEstimate, Timeline, r
+
+CUDA_CONTEXT = 500 * 2**20  # CUDA context + kernels, lazy loading (0.3-0.6 GiB)
+FRAGMENTATION = 0.05  # reserved above allocated with expandable segments
+WORKSPACES = "cuBLAS workspaces"
+
+
+def _loss(tl: Timeline, s: Shape, N: int, a: int, chunked: bool, chunk: int, grad: bool,
+          cuda: bool = False) -> list:
+    """lm_head + cross-entropy forward; returns what survives until backward."""
+    V, C = s.V, s.C
+    kept: list = []
+    if chunked:
+        w = tl.alloc("logits and loss", V * C * a) if a == 2 else None
+        tl.alloc("logits and loss", 4)  # total
+        if grad:
+            kept += [tl.alloc("logits and loss", 4 * N * C), tl.alloc("logits and loss", 4 * V * C)]
+        # every full chunk does the same and leaves the timeline as it found it: one of each size
+        for c in ([chunk] if N >= chunk else []) + ([N % chunk] if N % chunk else []):
+            small = [tl.alloc("logits and loss", x) for x in (c * C * a if a == 2 else 0, c, 8 * c)]
+            if a == 2:
+                tl.transient("logits and loss", c * V * a, 4 * c * V)
+            logits = tl.alloc("logits and loss", 4 * c * V)
+            stats = [tl.alloc("logits and loss", 4 * c) for _ in range(5)]
+            if grad:
+                tl.transient("logits and loss", 8 * c, 8 * c)
+                g = tl.alloc("logits and loss", 2 * c * V) if a == 2 else None
+                tl.transient("logits and loss", c * C * a)
+                if a == 2:  # h of kept rows, then the weight gradient summed in fp32 (loss.py):
+                    hk = tl.alloc("logits and loss", c * C * a)  # CUDA: the fp32-output GEMM's
+                    tl.transient("logits and loss", 4 * V * C if cuda else 4 * c * C)  # CPU: hk
+                    tl.free(g, hk)
+            tl.free(logits, *stats, *small)
+        if grad:
+            kept.append(tl.alloc("logits and loss", 4))  # the token count, for backward
+        tl.free(("logits and loss", r(4)))
+        if w:
+            tl.free(w)
+        return kept
+    # full logits: (N, V) in the compute dtype, an fp32 copy, log-softmax
+    hc = tl.alloc("logits and loss", N * C * a) if a == 2 else None
+    wc = tl.alloc("autocast weight copies", V * C * a) if a == 2 else None
+    logits = tl.alloc("logits and loss", N * V * a)
+    l32 = tl.alloc("logits and loss", 4 * N * V) if a == 2 else logits
+    lsm = tl.alloc("logits and loss", 4 * N * V)
+    tl.transient("logits and loss", 8)
+    tl.free(l32) if a == 2 else None
+    tl.free(logits)
+    if grad:
+        kept = [lsm] + ([hc, wc] if a == 2 else [])
+    else:
+        tl.free(lsm, *([hc] if hc else []))
+        kept = [wc] if wc else []
+    return kept
+
+
+def _backward_full_loss(tl: Timeline, s: Shape, N: int, a: int, kept: list):
+    """Returns the handles of the gradients of h (fp32) and of the lm_head weight (fp32)."""
+    V, C = s.V, s.C
+    g1 = tl.alloc("logits and loss", 4 * N * V)  # nll backward
+    g2 = tl.alloc("logits and loss", 4 * N * V)  # log-softmax backward
+    tl.free(g1, kept[0])
+    if a == 2:
+        g3 = tl.alloc("logits and loss", N * V * a)
+        tl.free(g2)
+        gw16 = tl.alloc("gradients", V * C * a)
+        gh16 = tl.alloc("activations", N * C * a)
+        tl.free(g3, *kept[1:])
+        g_w = tl.alloc("gradients", 4 * V * C)
+        tl.free(gw16)
+        g_h = tl.alloc("activations", 4 * N * C)
+        tl.free(gh16)
+        return g_h, g_w
+    g_w = tl.alloc("gradients", 4 * V * C)
+    g_h = tl.alloc("activations", 4 * N * C)
+    tl.free(g2)
+    return g_h, g_w
+
+
+def _optimizer_state(tl: Timeline, s: Shape) -> None:
+    for n, k in s.param_counts().items():
+        tl.alloc("optimizer state", 4 * n, 2 * k)  # exp_avg, exp_avg_sq
+        tl.alloc("optimizer state", 4, k)  # step
+
+
+def _weights(tl: Timeline, s: Shape) -> None:
+    for n, k in s.param_counts().items():
+        tl.alloc("weights", 4 * n, k)
+
+
+def _adamw_loop_temporaries(s: Shape) -> int:
+    """The CPU's per-tensor AdamW loop: each parameter's update computes sqrt(exp_avg_sq) and
+    the denominator, while the previous parameter's denominator (the loop's `denom`) is still
+    alive. The most alive at once, over the matrices' group in order: wte, wpe, then per block
+    qkv, attention projection, MLP up, MLP down (the LayerNorm and bias group is smaller)."""
+    C = s.C
+    order = [s.V * C, s.block * C] + [3 * C * C, C * C, 4 * C * C, 4 * C * C] * min(s.L, 2)
+    most = 2 * r(4 * order[0])
+    for prev, cur in zip(order, order[1:]):
+        most = max(most, r(4 * prev) + 2 * r(4 * cur))
+    return most
+
+
+def _gathered(s: Shape, a: int) -> float:
+    """FSDP2: the root's parameters and two blocks' gathered, in the compute dtype."""
+    root = s.V * s.C + s.block * s.C + 2 * s.C
+    rest = s.params() - s.V * s.C - s.block * s.C  # the blocks and ln_f
+    return a * (root + 2 * rest / s.L)
+
+
+def _parallel(cfg: Config, a: int) -> tuple[int, str, dict[str, float]]:
+    """Processes, mode, and how FSDP scales each kind of memory per process."""
+    world, mode = max(1, cfg.parallel.nproc), cfg.parallel.mode
+    if world == 1:
+        return 1, "single", {}
+    if mode == "ddp":
+        return world, mode, {}
+    # FSDP2: weights, gradients and AdamW state sharded; with 16-bit compute the gathered
+    # parameters are already 16-bit, so autocast makes no copies
+    return world, mode, {"weights": 1 / world, "optimizer state": 1 / world,
+                         "gradients": 1 / world, "autocast weight copies": 0 if a == 2 else 1}
+
+
+def _model_state(tl: Timeline, s: Shape, mode: str, optimizer: bool) -> None:
+    """Weights, AdamW state (not in an eval-only run) and DDP's gradient buckets."""
+    _weights(tl, s)
+    if optimizer:
+        _optimizer_state(tl, s)
+    if mode == "ddp":  # gradients live in DDP's buckets (gradient_as_bucket_view)
+        tl.alloc("DDP gradient buckets", 4 * s.params())
+
+
+def _embed(tl: Timeline, s: Shape, N: int, T: int, kind: str) -> tuple:
+    """Token ids (x, y), positions, and the embeddings' sum: (batch handles, pos, x)."""
+    batch = [tl.alloc(kind, 8 * N), tl.alloc(kind, 8 * N)]
+    pos = tl.alloc(kind, 8 * T)
+    tl.transient("activations", 4 * N * s.C, 4 * T * s.C)
+    return batch, pos, tl.alloc("activations", 4 * N * s.C)
+
+
+def _workspaces(tl: Timeline, device_type: str, workspace: int, count: int) -> None:
+    """PyTorch's cuBLAS workspaces: allocated at the first matmul of each thread, kept."""
+    if device_type == "cuda":
+        tl.alloc(WORKSPACES, workspace, count)
+
+
+def _loss_backward(tl: Timeline, s: Shape, N: int, a: int, chunked: bool, kept: list):
+    """The gradients of h and of the lm_head weight, from the loss."""
+    if not chunked:
+        return _backward_full_loss(tl, s, N, a, kept)
+    factor = tl.alloc("logits and loss", 4)  # grad_out / count
+    g_h = tl.alloc("logits and loss", 4 * N * s.C)
+    g_w = tl.alloc("logits and loss", 4 * s.V * s.C)
+    tl.free(factor, *kept)
+    return g_h, g_w
+
+
+def _micro_step(tl: Timeline, cfg: Config, blk: Blocks, device_type: str, grads: list,
+                have_grads: bool) -> None:
+    """One micro-batch's forward and backward; gradients land in `grads` (or are added to
+    existing ones when have_grads)."""
+    s, N, T, a = blk.s, blk.N, blk.T, blk.a
+    chunked, ckpt = cfg.memory.loss == "chunked", cfg.memory.checkpointing
+    batch, pos, x = _embed(tl, s, N, T, "batch")
+    mask = None
+    if blk.dropout:  # the embeddings' dropout, outside the blocks (and their checkpointing)
+        x, mask = blk.drop(x, N * s.C, 4, grad=True)
+    cache: list = []
+    if ckpt:  # forward without saving; only each block's input survives
+        blocks, cache, x = blk.forward_no_grad(x, keep_inputs=True)
+    else:
+        blocks, x = blk.forward_saving(x)
+    ln_f = tl.alloc("activations", 4 * N * s.C)
+    stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
+    kept = _loss(tl, s, N, a, chunked, cfg.memory.chunk_rows(device_type), grad=True,
+                 cuda=device_type == "cuda")
+    tl.free(pos, *cache)  # the autocast region ends with the forward
+    if a == 2 or chunked:
+        tl.free(ln_f)  # only the cast copy (or nothing) was saved by the loss
+    # backward: loss, lm_head, ln_f
+    g_h, g_w = _loss_backward(tl, s, N, a, chunked, kept)
+    if not have_grads:
+        grads.append(("gradients", g_w[1]))  # lm_head (tied to wte) keeps this tensor
+        tl.free(g_w)
+        tl.alloc("gradients", g_w[1])
+    g_res = tl.alloc("activations", 4 * N * s.C)  # ln_f backward
+    blk.weight_grad(s.C, 1, grads, have_grads)
+    tl.free(g_h, *stats, x)
+    if a != 2 and not chunked:
+        tl.free(ln_f)
+    g_x = blk.backward_all(blocks, g_res, grads, have_grads, recompute=ckpt)
+    if mask:
+        g_d = tl.alloc("activations", 4 * N * s.C)
+        tl.free(g_x, mask)
+        g_x = g_d
+    tl.free(g_x)
+    # embeddings: wpe grad, wte grad added to the lm_head's
+    if not have_grads:
+        grads.append(tl.alloc("gradients", 4 * s.block * s.C))
+        grads += [tl.alloc("gradients", 4 * s.C) for _ in range(1 + s.bias)]
+    tl.transient("gradients", 4 * s.V * s.C, 4 * s.V * s.C)
+    if have_grads:  # the lm_head's share waited in autograd's buffer for the tied embedding's
+        tl.free(g_w)
+    tl.free(*batch)
+
+
+def train_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) -> Timeline:
+    """A steady-state training step: the first two micro-batches (the second adds to every
+    gradient the first created), clipping and the AdamW step. `workspace`: the bytes of one
+    cuBLAS workspace (CUDA)."""
+    s = shape_of(cfg)
+    split = cfg.memory.micro_split
+    b, T = -(-cfg.train.batch_size // split), cfg.model.block_size  # the largest slice
+    world, mode, scale = _parallel(cfg, a)
+    tl = Timeline(scale)
+    _workspaces(tl, device_type, workspace, 2)  # the forward's thread and autograd's
+    _model_state(tl, s, mode, optimizer=True)
+    tl.alloc("batch", 4)  # loss_sum
+    blk = Blocks(tl, s, b, T, a, dropout=cfg.model.dropout > 0, cpu=device_type != "cuda")
+    grads: list = []
+    for micro in range(min(cfg.train.grad_accum // world * split, 2)):
+        if mode == "fsdp":
+            gathered = tl.alloc("FSDP gathered parameters", _gathered(s, a))
+        _micro_step(tl, cfg, blk, device_type, grads, have_grads=micro > 0 or mode == "ddp")
+        if mode == "fsdp":
+            tl.free(gathered)
+    # clip_grad_norm_: one norm per tensor, stacked
+    tl.free(tl.alloc("optimizer step", 4, s.tensors() + 4))
+    if device_type != "cuda":
+        tl.free(tl.alloc("optimizer step", _adamw_loop_temporaries(s)))
+    tl.free(*grads)
+    return tl
+
+
+def eval_rows(cfg: Config) -> int:
+    """Sequences per evaluation batch: the eval batch, or fewer when this process's validation
+    windows are fewer (under DDP each process scores every world-th window; FSDP2 all of them)."""
+    world, mode = max(1, cfg.parallel.nproc), cfg.parallel.mode
+    windows = -(-cfg.eval_windows // world) if world > 1 and mode == "ddp" else cfg.eval_windows
+    return max(1, min(cfg.eval_batch_size, windows))
+
+
+def eval_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) -> Timeline:
+    """An evaluation pass: in a training run with the model and AdamW state alive (and both
+    threads' cuBLAS workspaces); in an eval-only run with the weights alone."""
+    s = shape_of(cfg)
+    b, T = eval_rows(cfg), cfg.eval_block_size
+    N = b * T
+    world, mode, scale = _parallel(cfg, a)
+    tl = Timeline(scale)
+    only = cfg.train.eval_only
+    _workspaces(tl, device_type, workspace, 1 if only else 2)
+    _model_state(tl, s, mode, optimizer=not only)
+    if mode == "fsdp":
+        tl.alloc("FSDP gathered parameters", _gathered(s, a))
+    tl.alloc("eval buffers", 8)  # the loss sum
+    batch, pos, x = _embed(tl, s, N, T, "eval buffers")
+    _, cached, x = Blocks(tl, s, b, T, a).forward_no_grad(x, keep_inputs=False)
+    ln_f = tl.alloc("activations", 4 * N * s.C)
+    stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
+    tl.free(*stats)
+    tl.free(x)
+    kept = _loss(tl, s, N, a, cfg.memory.loss == "chunked", cfg.memory.chunk_rows(device_type),
+                 grad=False)
+    tl.free(ln_f, pos, *kept, *cached, *batch)
+    return tl
+
+
+def _parts(tl: Timeline, notes: dict[str, str]) -> list[Part]:
+    return [Part(k, v, notes.get(k, "")) for k, v in tl.at_peak.items() if v > 0]
+
+
+def _notes(cfg: Config, s: Shape, device_type: str, dtype: str, workspace: int) -> tuple[dict, dict]:
+    """What each part of the training and the evaluation breakdown counts."""
+    b, T, C, L = cfg.train.batch_size, cfg.model.block_size, s.C, s.L
+    eb, eT = eval_rows(cfg), cfg.eval_block_size
+    per_block = "checkpointed: block inputs only" if cfg.memory.checkpointing else "saved for backward"
+    if cfg.model.dropout > 0:
+        per_block += f", with dropout {cfg.model.dropout:g}'s masks"
+    chunk = cfg.memory.chunk_rows(device_type)
+    notes = {
+        "weights": f"{s.params() / 1e6:.1f}M params x 4 B (fp32)",
+        "optimizer state": "AdamW exp_avg + exp_avg_sq, fp32: 8 B/param",
+        "gradients": "fp32: 4 B/param",
+        "autocast weight copies": f"16-bit copies of the matmul weights ({dtype})",
+        "batch": "token ids, int64",
+        "optimizer step": "clip-norm and AdamW temporaries",
+        "DDP gradient buckets": "fp32 gradients in DDP's all-reduce buckets: 4 B/param",
+        "FSDP gathered parameters": "the root's and two blocks' parameters, gathered (approximate)",
+    }
+    world, mode, _ = _parallel(cfg, 4)
+    if mode == "fsdp":
+        for k in ("weights", "optimizer state", "gradients"):
+            notes[k] += f", sharded over {world} processes"
+    tn, en = dict(notes), dict(notes)
+    tn["activations"] = f"{L} layers x b={b} x s={T} x h={C}, {per_block}"
+    tn["logits and loss"] = (f"chunks of {chunk} rows x V={s.V} + grads of h and lm_head"
+                             if cfg.memory.loss == "chunked" else f"full logits: b x s x V = {b}x{T}x{s.V}")
+    tn[WORKSPACES] = f"2 x {fmt_bytes(workspace)}: the forward's thread and autograd's"
+    en["activations"] = f"one block at a time, b={eb} x s={eT} x h={C} (no_grad)"
+    en["logits and loss"] = (f"chunks of {chunk} rows x V={s.V}" if cfg.memory.loss == "chunked"
+                             else f"full logits: b x s x V = {eb}x{eT}x{s.V}")
+    en["eval buffers"] = "token ids and the loss sum"
+    en[WORKSPACES] = (f"1 x {fmt_bytes(workspace)}: no backward has run" if cfg.train.eval_only
+                      else tn[WORKSPACES] + " (from training)")
+    return tn, en
+
+
+def estimate(cfg: Config, device_type: str = "cuda", dtype: str | None = None,
+             gpu: Gpu | None = None) -> Estimate:
+    """Predicted peak allocated bytes of a training step and an evaluation pass (only the
+    evaluation counts for a run with train.eval_only). On CUDA, `gpu` gives the architecture
+    that sizes the cuBLAS workspaces (unknown: the larger size)."""
+    dtype = dtype or cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    a = 4 if dtype == "float32" else 2
+    s = shape_of(cfg)
+    workspace = cublas_workspace(gpu) if device_type == "cuda" else 0
+    tn, en = _notes(cfg, s, device_type, dtype, workspace)
+    ttl = train_timeline(cfg, a, device_type, workspace)
+    etl = eval_timeline(cfg, a, device_type, workspace)
+    train = PhaseEstimate("train", _parts(ttl, tn), ttl.peak)
+    ev = PhaseEstimate("eval", _parts(etl, en), etl.peak)
+    if device_type == "cuda":
+        for ph in (train, ev):
+            ph.overhead = [
+                Part("CUDA context", CUDA_CONTEXT, "outside PyTorch's accounting (nvidia-smi shows it)"),
+                Part("fragmentation allowance", int(ph.allocated * FRAGMENTATION),
+                     f"{FRAGMENTATION:.0%} of allocated (reserved above allocated)"),
+            ]
+    return Estimate(train, ev, device_type, dtype, s.params(), cfg.train.eval_only)
