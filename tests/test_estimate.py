@@ -9,14 +9,15 @@ import torch
 
 from fitgpt.config.schema import Config
 from fitgpt.eval.evaluate import evaluate
-from fitgpt.model.gpt import GPT, GPTShape
+from fitgpt.model.gpt import GPT
 from fitgpt.model.runtime import Runtime, build_model
+from fitgpt.model.shape import ModelShape
 from fitgpt.planner import blocks
 from fitgpt.planner.estimate import CUDA_CONTEXT, estimate
 from fitgpt.planner.gpus import cublas_workspace, find_gpu
 from fitgpt.planner.timeline import Timeline, r
 from fitgpt.planner.tracker import StorageTracker, rounded
-from fitgpt.train.loop import train_step
+from fitgpt.train.step import train_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MiB = 2**20
@@ -154,7 +155,7 @@ def test_eval_only_plans_no_optimizer_state():
     cfg.train.eval_only = True
     only = estimate(cfg, "cpu", "float32")
     with torch.device("meta"):
-        model = GPT(GPTShape.of(cfg.model))
+        model = GPT(ModelShape.of(cfg.model))
     state = sum(2 * rounded(4 * p.numel()) + rounded(4) for p in model.parameters())
     assert run_eval.allocated - only.eval.allocated == state
     assert "optimizer state" not in {p.name for p in only.eval.parts}
@@ -224,7 +225,7 @@ def test_automatic_loss_chunk_is_per_device_and_the_planner_follows_it():
     cfg.memory.loss_chunk = 0
     assert Config().memory.loss_chunk == 0
     assert (cfg.memory.chunk_rows("cpu"), cfg.memory.chunk_rows("cuda")) == (256, 2048)
-    assert build_model(cfg, torch.device("cpu")).loss_chunk == 256
+    assert build_model(cfg, torch.device("cpu")).loss.chunk_rows == 256
     auto_cpu, auto_cuda = estimate(cfg, "cpu", "float32"), estimate(cfg, "cuda", "float32")
     train, ev = measure(cfg, "float32")
     assert abs(auto_cpu.train.allocated - train) <= 0.03 * train

@@ -9,18 +9,20 @@ import torch
 
 from fitgpt.config.load import load_config
 from fitgpt.config.schema import Config
-from fitgpt.model.gpt import GPT, GPTShape
-from fitgpt.model.loss import chunked_cross_entropy, full_cross_entropy
-from fitgpt.model.runtime import build_model
-from fitgpt.train.parallelize import apply_activation_checkpointing
+from fitgpt.model.checkpointing import apply_activation_checkpointing
+from fitgpt.model.gpt import GPT
+from fitgpt.model.loss import LossSpec, chunked_cross_entropy, full_cross_entropy
+from fitgpt.model.runtime import Runtime, build_model, enable_tf32, resolve_runtime
+from fitgpt.model.shape import ModelShape
 
 
-def tiny_model(vocab=512, bias=False, dropout=0.0, seed=0):
+def tiny_model(vocab=512, bias=False, dropout=0.0, seed=0, loss="chunked", chunk=0):
     cfg = Config()
     m = cfg.model
     m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size, m.bias, m.dropout = (
         2, 2, 32, 16, vocab, bias, dropout)
     cfg.train.seed = seed
+    cfg.memory.loss, cfg.memory.loss_chunk = loss, chunk
     return build_model(cfg, torch.device("cpu"))
 
 
@@ -37,14 +39,13 @@ def assert_close_rel(a, b, rel):
 def test_chunked_loss_and_gradients_equal_full(bias):
     """Guards the exactness of the chunked loss: same loss and gradients as full logits (fp32)."""
     torch.manual_seed(0)
-    model = tiny_model(bias=bias)
     x = torch.randint(0, 500, (3, 16))
     y = torch.randint(0, 500, (3, 16))
     y[0, :5] = -1  # ignored positions count in neither
     out = {}
     for impl, chunk in (("full", 0), ("chunked", 7), ("chunked", 10_000)):
-        model.zero_grad(set_to_none=True)
-        model.loss_impl, model.loss_chunk = impl, max(chunk, 1)
+        model = tiny_model(bias=bias, loss=impl, chunk=chunk)  # the same seeded weights each time
+        assert model.loss == LossSpec(impl, chunk or 256)  # 0: automatic, 256 rows on the CPU
         loss = model(x, y)
         loss.backward()
         out[(impl, chunk)] = (loss.detach(), grads(model))
@@ -99,9 +100,10 @@ def test_parameter_counts_of_the_seed_model_on_meta():
     for spec, expected in (("seed-77m", 77.36e6), ("gpt2-124m", 124.4e6)):
         cfg = load_config(spec, [])
         with torch.device("meta"):
-            model = GPT(GPTShape.of(cfg.model))
-        assert abs(model.num_params() - expected) / expected < 0.002
-        assert model.shape.vocab_size == 50304
+            model = GPT(ModelShape.of(cfg.model))
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n - expected) / expected < 0.002 and model.num_params() == n
+        assert model.shape.padded_vocab == 50304 and model.transformer.wte.weight.shape[0] == 50304
 
 
 def test_weights_tied_and_initialised_reproducibly():
@@ -122,3 +124,34 @@ def test_generate_respects_context_and_vocab_limit():
     out = model.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(0),
                          vocab_limit=300)
     assert out.shape == (1, 60) and int(out.max()) < 300
+
+
+def test_the_loss_is_given_to_the_model_when_it_is_built():
+    """The memory section's loss reaches the model through its constructor (a LossSpec), and
+    evaluation's sum reduction uses it too; nothing sets loss attributes from outside."""
+    model = tiny_model(loss="full", chunk=5)
+    assert model.loss == LossSpec("full", 5)
+    assert not hasattr(model, "loss_impl") and not hasattr(model, "loss_chunk")
+    torch.manual_seed(3)
+    x, y = torch.randint(0, 500, (2, 16)), torch.randint(0, 500, (2, 16))
+    with torch.no_grad():
+        full = model(x, y, reduction="sum")
+        h = model.hidden(x).reshape(-1, 32)
+        chunked = LossSpec("chunked", 5)(h, model.lm_head.weight, y.reshape(-1), "sum")
+    assert_close_rel(chunked, full, 1e-5)
+
+
+def test_resolving_a_runtime_changes_no_global_setting():
+    """resolve_runtime only resolves; TF32 is switched on by an explicit enable_tf32, which a
+    run that computes on CUDA calls (training, bench, plan --verify, eval, sample) and which
+    does nothing elsewhere."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        resolve_runtime("cpu", "float32")
+        enable_tf32(Runtime(torch.device("cpu"), torch.float32))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        enable_tf32(Runtime(torch.device("cuda"), torch.bfloat16))  # sets flags only; needs no GPU
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

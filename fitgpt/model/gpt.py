@@ -2,40 +2,24 @@
 
 Token + position embeddings, n_layer pre-LayerNorm blocks (causal self-attention through
 `F.scaled_dot_product_attention`, then a 4x GELU MLP), a final LayerNorm, and an lm_head tied to
-the token embedding. The loss never needs the full (B, T, V) logits: see `fitgpt.model.loss`.
-Memory tricks (activation checkpointing, compile) are applied from outside, in `fitgpt.train.parallelize`.
-Generation can keep each layer's keys and values in a `KVCache` (see `GPT.generate`).
+the token embedding. Its sizes come from a `ModelShape` (fitgpt.model.shape), which also counts
+its parameters and FLOPs. The loss, a `LossSpec` given at construction, never needs the full
+(B, T, V) logits: see `fitgpt.model.loss`. Activation checkpointing is applied to a built model
+from outside (`fitgpt.model.checkpointing`); generation and its KV cache are in
+`fitgpt.model.generate`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fitgpt.model.loss import chunked_cross_entropy, full_cross_entropy
-
-
-@dataclass
-class GPTShape:
-    """What the model needs to know; built from `ModelConfig` by `GPTShape.of`."""
-
-    n_layer: int
-    n_head: int
-    n_embd: int
-    block_size: int
-    vocab_size: int  # padded
-    dropout: float = 0.0
-    bias: bool = False
-
-    @classmethod
-    def of(cls, model_cfg) -> GPTShape:
-        m = model_cfg
-        padded = (m.vocab_size + m.vocab_multiple - 1) // m.vocab_multiple * m.vocab_multiple
-        return cls(m.n_layer, m.n_head, m.n_embd, m.block_size, padded, m.dropout, m.bias)
+from fitgpt.model.generate import KVCache, generate
+from fitgpt.model.loss import LossSpec
+from fitgpt.model.shape import ModelShape
 
 
 class LayerNorm(nn.Module):
@@ -50,36 +34,14 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-class KVCache:
-    """Keys and values of every layer, in buffers of block_size positions allocated on first use
-    (so they take the dtype autocast gives k and v); `pos` positions are filled."""
-
-    def __init__(self, n_layer: int, block_size: int):
-        self.block_size = block_size
-        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, block_size, hs)
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return all keys and values so far."""
-        if self.k[layer] is None:
-            B, nh, _, hs = k.shape
-            self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
-            self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs)
-
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, s: GPTShape):
+    def __init__(self, s: ModelShape, dropout: float):
         super().__init__()
         self.n_head = s.n_head
-        self.dropout = s.dropout
+        self.dropout = dropout
         self.c_attn = nn.Linear(s.n_embd, 3 * s.n_embd, bias=s.bias)
         self.c_proj = nn.Linear(s.n_embd, s.n_embd, bias=s.bias)
-        self.resid_dropout = nn.Dropout(s.dropout)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
@@ -101,23 +63,23 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, s: GPTShape):
+    def __init__(self, s: ModelShape, dropout: float):
         super().__init__()
         self.c_fc = nn.Linear(s.n_embd, 4 * s.n_embd, bias=s.bias)
         self.c_proj = nn.Linear(4 * s.n_embd, s.n_embd, bias=s.bias)
-        self.dropout = nn.Dropout(s.dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
-    def __init__(self, s: GPTShape):
+    def __init__(self, s: ModelShape, dropout: float):
         super().__init__()
         self.ln_1 = LayerNorm(s.n_embd, s.bias)
-        self.attn = CausalSelfAttention(s)
+        self.attn = CausalSelfAttention(s, dropout)
         self.ln_2 = LayerNorm(s.n_embd, s.bias)
-        self.mlp = MLP(s)
+        self.mlp = MLP(s, dropout)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -125,21 +87,21 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, s: GPTShape):
+    """The model of `shape`, with `dropout` in training mode, computing its loss as `loss` says."""
+
+    def __init__(self, s: ModelShape, dropout: float = 0.0, loss: LossSpec | None = None):
         super().__init__()
         self.shape = s
+        self.loss = loss or LossSpec()
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(s.vocab_size, s.n_embd),
+            wte=nn.Embedding(s.padded_vocab, s.n_embd),
             wpe=nn.Embedding(s.block_size, s.n_embd),
-            drop=nn.Dropout(s.dropout),
-            h=nn.ModuleList([Block(s) for _ in range(s.n_layer)]),
+            drop=nn.Dropout(dropout),
+            h=nn.ModuleList([Block(s, dropout) for _ in range(s.n_layer)]),
             ln_f=LayerNorm(s.n_embd, s.bias),
         ))
-        self.lm_head = nn.Linear(s.n_embd, s.vocab_size, bias=False)
+        self.lm_head = nn.Linear(s.n_embd, s.padded_vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
-        # How the loss is computed: 'chunked' (rows at a time) or 'full' (whole logits).
-        self.loss_impl = "chunked"
-        self.loss_chunk = 2048
 
     # -- initialisation (GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer))
     def init_weights(self, seed: int | None = None) -> None:
@@ -155,11 +117,9 @@ class GPT(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype).mul_(std))
 
     def num_params(self, embeddings: bool = True) -> int:
-        """Parameters (tied weights counted once); without embeddings: minus wte and wpe."""
-        n = sum(p.numel() for p in self.parameters())
-        if not embeddings:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
-        return n
+        """Parameters (tied weights counted once); without embeddings: minus wte and wpe.
+        The shape's count (tests/test_shape.py checks it against this model's tensors)."""
+        return self.shape.params(embeddings)
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C) after ln_f. With a cache, idx holds the tokens at
@@ -185,9 +145,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h[:, [-1], :])  # (B, 1, V)
         h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
-        if self.loss_impl == "full":
-            return full_cross_entropy(h, self.lm_head.weight, targets, reduction)
-        return chunked_cross_entropy(h, self.lm_head.weight, targets, self.loss_chunk, reduction)
+        return self.loss(h, self.lm_head.weight, targets, reduction)
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float],
                             device_type: str) -> torch.optim.AdamW:
@@ -200,61 +158,6 @@ class GPT(nn.Module):
         extra = {"fused": True} if device_type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token, as nanoGPT and PaLM (appendix B) count them: 6 per
-        non-embedding parameter, 6 per lm_head weight, 12 x layers x width x context for attention."""
-        s = self.shape
-        T = seq_len or s.block_size
-        n = self.num_params(embeddings=False)
-        return 6 * n + 6 * s.vocab_size * s.n_embd + 12 * s.n_layer * s.n_embd * T
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
-                 vocab_limit: int | None = None, top_p: float | None = None,
-                 kv_cache: bool = False):
-        """Sample max_new_tokens after idx (B, T); the context is cropped to block_size;
-        ids >= vocab_limit (the padding rows of the embedding) are never produced.
-
-        kv_cache=True keeps each layer's keys and values, so a step runs one token through the
-        model instead of the whole context; the tokens are the same as without it. Once the
-        context reaches block_size the window must slide, which changes every position (and so
-        every key): from then on each step re-runs the cropped context, as without the cache."""
-        T = self.shape.block_size
-        cache = None
-        for _ in range(max_new_tokens):
-            if not kv_cache:
-                h = self.hidden(idx[:, -T:])
-            else:
-                cache = cache or KVCache(self.shape.n_layer, T)
-                if cache.pos in (0, T):  # first step, or full: (re)fill with the cropped context
-                    cache.pos = 0
-                    h = self.hidden(idx[:, -T:], cache)
-                else:
-                    h = self.hidden(idx[:, -1:], cache)  # only the newest token
-            logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
-            if vocab_limit is not None:
-                logits = logits[:, :vocab_limit]
-            nxt = sample_next(logits, temperature, top_k, top_p, generator).to(idx.device)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B, 1) from logits (B, V): greedy at temperature <= 0; otherwise sampled
-    (on the CPU, with `generator`) from the top_k most likely and the smallest set whose
-    probability reaches top_p."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before it already reaches top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator)
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """Sample max_new_tokens after idx (B, T): `fitgpt.model.generate.generate` says how."""
+        return generate(self, idx, max_new_tokens, **options)

@@ -23,6 +23,9 @@ fp32), and applies 1/count and the loss scale once, in fp32, in backward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -154,3 +157,24 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
         if reduction == "mean":
             total = total / (targets != -1).sum().clamp(min=1)
         return total
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How the model computes its loss, given to it when it is built (`GPT(shape, loss=...)`):
+    'chunked' (`chunk_rows` rows at a time, never the full logits) or 'full' (the usual way)."""
+
+    kind: Literal["chunked", "full"] = "chunked"
+    chunk_rows: int = 2048
+
+    @classmethod
+    def of(cls, memory_cfg, device_type: str) -> LossSpec:
+        """From the config's `memory` section: its `loss`, and its chunk size on this device type."""
+        return cls(memory_cfg.loss, memory_cfg.chunk_rows(device_type))
+
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 reduction: str = "mean") -> torch.Tensor:
+        """The cross-entropy of `h @ weight.T` (h: (N, C), weight: (V, C)) against targets (N,)."""
+        if self.kind == "full":
+            return full_cross_entropy(h, weight, targets, reduction)
+        return chunked_cross_entropy(h, weight, targets, self.chunk_rows, reduction)

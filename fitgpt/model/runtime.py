@@ -10,8 +10,10 @@ import torch
 
 from fitgpt.config.schema import Config
 from fitgpt.errors import ConfigError
-from fitgpt.model.gpt import GPT, GPTShape
-from fitgpt.train.parallelize import apply_memory_options
+from fitgpt.model.checkpointing import apply_activation_checkpointing
+from fitgpt.model.gpt import GPT
+from fitgpt.model.loss import LossSpec
+from fitgpt.model.shape import ModelShape
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,7 +45,8 @@ class Runtime:
 
 
 def resolve_runtime(device: str, dtype: str) -> Runtime:
-    """'auto' device and dtype made concrete; a device or dtype this machine lacks is an error."""
+    """'auto' device and dtype made concrete; a device or dtype this machine lacks is an error.
+    Switches nothing on: TF32 is `enable_tf32`'s, called by whoever sets up a run that computes."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -63,9 +66,6 @@ def resolve_runtime(device: str, dtype: str) -> Runtime:
             dtype = "float32"
     if dev.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.dtype=bfloat16 is not supported by this GPU; use --train.dtype=float16")
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     note = slow_cpu_dtype(dev.type, dtype)
     if note and note not in _NOTED:  # once per process, however many runtimes are resolved
         _NOTED.add(note)
@@ -73,6 +73,15 @@ def resolve_runtime(device: str, dtype: str) -> Runtime:
 
         say(f"note: {note}")
     return Runtime(dev, DTYPES[dtype])
+
+
+def enable_tf32(rt: Runtime) -> None:
+    """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (as nanoGPT does).
+    A process-wide setting: called by whoever sets up a run that computes (training, the bench,
+    `plan --verify`, `fitgpt eval` and `sample`), never by merely resolving a runtime."""
+    if rt.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 _NOTED: set[str] = set()
@@ -100,15 +109,19 @@ def slow_cpu_dtype(device_type: str, dtype: str) -> str | None:
 
 
 def build_model(cfg: Config, device: torch.device, init: bool = True) -> GPT:
-    """Build on the meta device (free), materialise on `device`, initialise (seeded), and apply
-    the memory options (loss implementation, activation checkpointing)."""
+    """Build on the meta device (free), materialise on `device`, initialise (seeded). The
+    `memory` section decides how the model computes its loss (`LossSpec`) and whether its
+    blocks are recomputed in backward (activation checkpointing)."""
+    loss = LossSpec.of(cfg.memory, device.type)
     with torch.device("meta"):
-        model = GPT(GPTShape.of(cfg.model))
+        model = GPT(ModelShape.of(cfg.model), cfg.model.dropout, loss)
     model.to_empty(device=device)
     model.lm_head.weight = model.transformer.wte.weight  # keep the tie explicit after to_empty
     if init:
         model.init_weights(cfg.train.seed)
-    return apply_memory_options(model, cfg.memory, device.type)
+    if cfg.memory.checkpointing:
+        apply_activation_checkpointing(model)
+    return model
 
 
 def clean_state_dict(sd: dict) -> dict:

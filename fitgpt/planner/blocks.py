@@ -16,60 +16,12 @@ What one block does depends on the device and on dropout (see ../shared/notes/me
 
 from __future__ import annotations
 
-from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
 
-from fitgpt.config.schema import Config
+from fitgpt.model.shape import ModelShape
 from fitgpt.planner.timeline import Timeline, merge, split
 
 EXPLICIT_LAYERS = 3  # up to this many blocks are replayed one by one; more: first, middle, last
-
-
-@dataclass
-class Shape:
-    L: int
-    H: int
-    C: int
-    V: int  # padded vocab
-    block: int
-    bias: bool
-
-    def param_counts(self) -> Counter:
-        """How many parameter tensors of each element count (tied lm_head counted once)."""
-        C, b, L = self.C, int(self.bias), self.L
-        out: Counter = Counter({self.V * C: 1})
-        out[self.block * C] += 1
-        # LayerNorm weights (2) and the C-sized biases (ln_1, attn proj, ln_2, MLP proj), qkv,
-        # attention projection, MLP up and down
-        per_block = [(C, 2 + 4 * b), (3 * C * C, 1), (3 * C, b), (C * C, 1), (4 * C * C, 2),
-                     (4 * C, b)]
-        for n, k in per_block:
-            if k:
-                out[n] += k * L
-        out[C] += 1 + b  # ln_f
-        return out
-
-    def params(self) -> int:
-        return sum(n * k for n, k in self.param_counts().items())
-
-    def tensors(self) -> int:
-        return sum(self.param_counts().values())
-
-    def block_params(self) -> int:
-        """Elements of one block's parameters."""
-        C, b = self.C, int(self.bias)
-        return 12 * C * C + 2 * C + b * (2 * C + 3 * C + C + 4 * C + C)
-
-    def matrices(self) -> list[int]:
-        """Weights autocast casts for a matmul, per block."""
-        C = self.C
-        return [3 * C * C, C * C, 4 * C * C, 4 * C * C]
-
-
-def shape_of(cfg: Config) -> Shape:
-    m = cfg.model
-    return Shape(m.n_layer, m.n_head, m.n_embd, cfg.padded_vocab, m.block_size, m.bias)
 
 
 def layout(L: int) -> list[int]:
@@ -80,7 +32,7 @@ def layout(L: int) -> list[int]:
 class Blocks:
     """One block's forward and backward on a timeline, for N = b x T rows of width C."""
 
-    def __init__(self, tl: Timeline, s: Shape, b: int, T: int, a: int, dropout: bool = False,
+    def __init__(self, tl: Timeline, s: ModelShape, b: int, T: int, a: int, dropout: bool = False,
                  cpu: bool = False):
         self.tl, self.s, self.b, self.T, self.a = tl, s, b, T, a
         self.N = b * T
@@ -108,7 +60,7 @@ class Blocks:
         """The gradient through a dropout (16-bit like its output), from g16: the incoming
         gradient (already cast to 16 bits when a == 2) or None (fp32: the residual's own)."""
         tl = self.tl
-        gd = tl.alloc("activations", self.N * self.s.C * self.a)
+        gd = tl.alloc("activations", self.N * self.s.n_embd * self.a)
         tl.free(*(h for h in (g16, mask) if h))
         return gd
 
@@ -119,7 +71,7 @@ class Blocks:
         cached in no-grad mode; the output). In no-grad mode only the output and the cache
         survive."""
         tl, s, N, a = self.tl, self.s, self.N, self.a
-        C, act, cast = s.C, "activations", "autocast weight copies"
+        C, act, cast = s.n_embd, "activations", "autocast weight copies"
         sv: dict = {"x_in": x_in}
         ws: list = []
         # attention half: ln_1 (fp32 out + mean + rstd), qkv matmul, fused attention, projection
@@ -153,7 +105,7 @@ class Blocks:
         return sv, [], x_out
 
     def _mlp_forward(self, grad: bool, sv: dict, ws: list):
-        tl, N, C, a = self.tl, self.N, self.s.C, self.a
+        tl, N, C, a = self.tl, self.N, self.s.n_embd, self.a
         act, cast = "activations", "autocast weight copies"
         ln2 = tl.alloc(act, 4 * N * C)
         sv["ln2_stats"] = [tl.alloc(act, 4 * N), tl.alloc(act, 4 * N)]
@@ -187,9 +139,9 @@ class Blocks:
         """Flash or memory-efficient SDPA (saves its output and a log-sum-exp; with dropout the
         kernel draws the mask itself), the projection and its dropout. Returns the branch's
         output (the residual adds it)."""
-        tl, N, C, a, act = self.tl, self.N, self.s.C, self.a, "activations"
+        tl, N, C, a, act = self.tl, self.N, self.s.n_embd, self.a, "activations"
         sv["out"] = tl.alloc(act, N * C * a)
-        sv["lse"] = tl.alloc(act, 4 * self.b * self.s.H * self.T)
+        sv["lse"] = tl.alloc(act, 4 * self.b * self.s.n_head * self.T)
         if not grad:
             tl.free(sv["qkv"])
         if a == 2:
@@ -206,8 +158,8 @@ class Blocks:
         k scaled, the causal mask as a float (s, s) tensor, scores, softmax, dropout noise and
         the dropped weights (b, heads, s, s each), v, the output; then the projection and its
         dropout. qkv itself is not saved: the contiguous copies are. Returns the branch's output."""
-        tl, N, C, a, act = self.tl, self.N, self.s.C, self.a, "activations"
-        S, TT, NC = self.b * self.s.H * self.T * self.T, self.T * self.T, N * C
+        tl, N, C, a, act = self.tl, self.N, self.s.n_embd, self.a, "activations"
+        S, TT, NC = self.b * self.s.n_head * self.T * self.T, self.T * self.T, N * C
         up = [tl.alloc(act, 4 * NC) for _ in range(3)] if a == 2 else []
         q_s = tl.alloc(act, 4 * NC)
         ones = tl.alloc(act, TT)  # bool ones, then their lower triangle
@@ -273,7 +225,7 @@ class Blocks:
     def ln_backward(self, g_in, stats, x, grads: list, exist: bool):
         """A LayerNorm's backward, in fp32 (a 16-bit incoming gradient is cast first); frees the
         incoming gradient, the saved statistics and the input. Returns the input's gradient."""
-        tl, N, C = self.tl, self.N, self.s.C
+        tl, N, C = self.tl, self.N, self.s.n_embd
         if self.a == 2:
             g32 = tl.alloc("activations", 4 * N * C)
             tl.free(g_in)
@@ -286,7 +238,7 @@ class Blocks:
     def backward(self, sv: dict, g_res, grads: list, exist: bool):
         """Backward through one block, node by node: each node allocates its outputs, then frees
         the incoming gradient and what it saved. Returns the gradient of the block input."""
-        tl, N, C, a = self.tl, self.N, self.s.C, self.a
+        tl, N, C, a = self.tl, self.N, self.s.n_embd, self.a
         act = "activations"
         w_attn, w_proj, w_fc, w_proj2 = sv["w"] if a == 2 else (None,) * 4
         # MLP projection: grad of the GELU output and of the weight
@@ -331,7 +283,7 @@ class Blocks:
         through the dropped weights, the noise, the softmax, the scaled q and k; the three
         gradients are laid out as (b, s, 3h) and concatenated. Returns the qkv gradient."""
         tl, a, act = self.tl, self.a, "activations"
-        NC, S = self.N * self.s.C, self.b * self.s.H * self.T * self.T
+        NC, S = self.N * self.s.n_embd, self.b * self.s.n_head * self.T * self.T
         tl.free(sv["y"])
         src = g_y
         if a == 2:
@@ -378,7 +330,7 @@ class Blocks:
     def forward_saving(self, x) -> tuple[list, tuple]:
         """Every block's forward with autograd saving: ([(saved, how many blocks)], output)."""
         blocks = []
-        for k in layout(self.s.L):
+        for k in layout(self.s.n_layer):
             if k == 1:
                 sv, _, out = self.forward(True, x)
             else:
@@ -395,7 +347,7 @@ class Blocks:
         (checkpointing) else [], the autocast weight copies cached, the output). Without
         keep_inputs each block's input is freed after the block (evaluation)."""
         kept, cache = [], []
-        for k in layout(self.s.L):
+        for k in layout(self.s.n_layer):
             if k == 1:
                 _, ws, out = self.forward(False, x)
                 rest = None

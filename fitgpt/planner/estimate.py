@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from fitgpt.config.schema import Config
 from fitgpt.console import fmt_bytes
-from fitgpt.planner.blocks import Blocks, Shape, shape_of
+from fitgpt.model.shape import ModelShape
+from fitgpt.planner.blocks import Blocks
 from fitgpt.planner.gpus import Gpu, cublas_workspace
 from fitgpt.planner.timeline import Estimate, Part, PhaseEstimate, Timeline, r
 
@@ -30,10 +31,10 @@ FRAGMENTATION = 0.05  # reserved above allocated with expandable segments
 WORKSPACES = "cuBLAS workspaces"
 
 
-def _loss(tl: Timeline, s: Shape, N: int, a: int, chunked: bool, chunk: int, grad: bool,
+def _loss(tl: Timeline, s: ModelShape, N: int, a: int, chunked: bool, chunk: int, grad: bool,
           cuda: bool = False) -> list:
     """lm_head + cross-entropy forward; returns what survives until backward."""
-    V, C = s.V, s.C
+    V, C = s.padded_vocab, s.n_embd
     kept: list = []
     if chunked:
         w = tl.alloc("logits and loss", V * C * a) if a == 2 else None
@@ -79,9 +80,9 @@ def _loss(tl: Timeline, s: Shape, N: int, a: int, chunked: bool, chunk: int, gra
     return kept
 
 
-def _backward_full_loss(tl: Timeline, s: Shape, N: int, a: int, kept: list):
+def _backward_full_loss(tl: Timeline, s: ModelShape, N: int, a: int, kept: list):
     """Returns the handles of the gradients of h (fp32) and of the lm_head weight (fp32)."""
-    V, C = s.V, s.C
+    V, C = s.padded_vocab, s.n_embd
     g1 = tl.alloc("logits and loss", 4 * N * V)  # nll backward
     g2 = tl.alloc("logits and loss", 4 * N * V)  # log-softmax backward
     tl.free(g1, kept[0])
@@ -102,35 +103,35 @@ def _backward_full_loss(tl: Timeline, s: Shape, N: int, a: int, kept: list):
     return g_h, g_w
 
 
-def _optimizer_state(tl: Timeline, s: Shape) -> None:
+def _optimizer_state(tl: Timeline, s: ModelShape) -> None:
     for n, k in s.param_counts().items():
         tl.alloc("optimizer state", 4 * n, 2 * k)  # exp_avg, exp_avg_sq
         tl.alloc("optimizer state", 4, k)  # step
 
 
-def _weights(tl: Timeline, s: Shape) -> None:
+def _weights(tl: Timeline, s: ModelShape) -> None:
     for n, k in s.param_counts().items():
         tl.alloc("weights", 4 * n, k)
 
 
-def _adamw_loop_temporaries(s: Shape) -> int:
+def _adamw_loop_temporaries(s: ModelShape) -> int:
     """The CPU's per-tensor AdamW loop: each parameter's update computes sqrt(exp_avg_sq) and
     the denominator, while the previous parameter's denominator (the loop's `denom`) is still
     alive. The most alive at once, over the matrices' group in order: wte, wpe, then per block
     qkv, attention projection, MLP up, MLP down (the LayerNorm and bias group is smaller)."""
-    C = s.C
-    order = [s.V * C, s.block * C] + [3 * C * C, C * C, 4 * C * C, 4 * C * C] * min(s.L, 2)
+    C = s.n_embd
+    order = [s.padded_vocab * C, s.block_size * C] + s.block_matrices() * min(s.n_layer, 2)
     most = 2 * r(4 * order[0])
     for prev, cur in zip(order, order[1:]):
         most = max(most, r(4 * prev) + 2 * r(4 * cur))
     return most
 
 
-def _gathered(s: Shape, a: int) -> float:
+def _gathered(s: ModelShape, a: int) -> float:
     """FSDP2: the root's parameters and two blocks' gathered, in the compute dtype."""
-    root = s.V * s.C + s.block * s.C + 2 * s.C
-    rest = s.params() - s.V * s.C - s.block * s.C  # the blocks and ln_f
-    return a * (root + 2 * rest / s.L)
+    root = s.embedding_params() + 2 * s.n_embd
+    rest = s.params(embeddings=False)  # the blocks and ln_f
+    return a * (root + 2 * rest / s.n_layer)
 
 
 def _parallel(cfg: Config, a: int) -> tuple[int, str, dict[str, float]]:
@@ -146,7 +147,7 @@ def _parallel(cfg: Config, a: int) -> tuple[int, str, dict[str, float]]:
                          "gradients": 1 / world, "autocast weight copies": 0 if a == 2 else 1}
 
 
-def _model_state(tl: Timeline, s: Shape, mode: str, optimizer: bool) -> None:
+def _model_state(tl: Timeline, s: ModelShape, mode: str, optimizer: bool) -> None:
     """Weights, AdamW state (not in an eval-only run) and DDP's gradient buckets."""
     _weights(tl, s)
     if optimizer:
@@ -155,12 +156,12 @@ def _model_state(tl: Timeline, s: Shape, mode: str, optimizer: bool) -> None:
         tl.alloc("DDP gradient buckets", 4 * s.params())
 
 
-def _embed(tl: Timeline, s: Shape, N: int, T: int, kind: str) -> tuple:
+def _embed(tl: Timeline, s: ModelShape, N: int, T: int, kind: str) -> tuple:
     """Token ids (x, y), positions, and the embeddings' sum: (batch handles, pos, x)."""
     batch = [tl.alloc(kind, 8 * N), tl.alloc(kind, 8 * N)]
     pos = tl.alloc(kind, 8 * T)
-    tl.transient("activations", 4 * N * s.C, 4 * T * s.C)
-    return batch, pos, tl.alloc("activations", 4 * N * s.C)
+    tl.transient("activations", 4 * N * s.n_embd, 4 * T * s.n_embd)
+    return batch, pos, tl.alloc("activations", 4 * N * s.n_embd)
 
 
 def _workspaces(tl: Timeline, device_type: str, workspace: int, count: int) -> None:
@@ -169,13 +170,13 @@ def _workspaces(tl: Timeline, device_type: str, workspace: int, count: int) -> N
         tl.alloc(WORKSPACES, workspace, count)
 
 
-def _loss_backward(tl: Timeline, s: Shape, N: int, a: int, chunked: bool, kept: list):
+def _loss_backward(tl: Timeline, s: ModelShape, N: int, a: int, chunked: bool, kept: list):
     """The gradients of h and of the lm_head weight, from the loss."""
     if not chunked:
         return _backward_full_loss(tl, s, N, a, kept)
     factor = tl.alloc("logits and loss", 4)  # grad_out / count
-    g_h = tl.alloc("logits and loss", 4 * N * s.C)
-    g_w = tl.alloc("logits and loss", 4 * s.V * s.C)
+    g_h = tl.alloc("logits and loss", 4 * N * s.n_embd)
+    g_w = tl.alloc("logits and loss", 4 * s.padded_vocab * s.n_embd)
     tl.free(factor, *kept)
     return g_h, g_w
 
@@ -189,13 +190,13 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Blocks, device_type: str, grads:
     batch, pos, x = _embed(tl, s, N, T, "batch")
     mask = None
     if blk.dropout:  # the embeddings' dropout, outside the blocks (and their checkpointing)
-        x, mask = blk.drop(x, N * s.C, 4, grad=True)
+        x, mask = blk.drop(x, N * s.n_embd, 4, grad=True)
     cache: list = []
     if ckpt:  # forward without saving; only each block's input survives
         blocks, cache, x = blk.forward_no_grad(x, keep_inputs=True)
     else:
         blocks, x = blk.forward_saving(x)
-    ln_f = tl.alloc("activations", 4 * N * s.C)
+    ln_f = tl.alloc("activations", 4 * N * s.n_embd)
     stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
     kept = _loss(tl, s, N, a, chunked, cfg.memory.chunk_rows(device_type), grad=True,
                  cuda=device_type == "cuda")
@@ -208,22 +209,23 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Blocks, device_type: str, grads:
         grads.append(("gradients", g_w[1]))  # lm_head (tied to wte) keeps this tensor
         tl.free(g_w)
         tl.alloc("gradients", g_w[1])
-    g_res = tl.alloc("activations", 4 * N * s.C)  # ln_f backward
-    blk.weight_grad(s.C, 1, grads, have_grads)
+    g_res = tl.alloc("activations", 4 * N * s.n_embd)  # ln_f backward
+    blk.weight_grad(s.n_embd, 1, grads, have_grads)
     tl.free(g_h, *stats, x)
     if a != 2 and not chunked:
         tl.free(ln_f)
     g_x = blk.backward_all(blocks, g_res, grads, have_grads, recompute=ckpt)
     if mask:
-        g_d = tl.alloc("activations", 4 * N * s.C)
+        g_d = tl.alloc("activations", 4 * N * s.n_embd)
         tl.free(g_x, mask)
         g_x = g_d
     tl.free(g_x)
     # embeddings: wpe grad, wte grad added to the lm_head's
     if not have_grads:
-        grads.append(tl.alloc("gradients", 4 * s.block * s.C))
-        grads += [tl.alloc("gradients", 4 * s.C) for _ in range(1 + s.bias)]
-    tl.transient("gradients", 4 * s.V * s.C, 4 * s.V * s.C)
+        grads.append(tl.alloc("gradients", 4 * s.block_size * s.n_embd))
+        grads += [tl.alloc("gradients", 4 * s.n_embd) for _ in range(1 + s.bias)]
+    V, C = s.padded_vocab, s.n_embd
+    tl.transient("gradients", 4 * V * C, 4 * V * C)
     if have_grads:  # the lm_head's share waited in autograd's buffer for the tied embedding's
         tl.free(g_w)
     tl.free(*batch)
@@ -233,7 +235,7 @@ def train_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) ->
     """A steady-state training step: the first two micro-batches (the second adds to every
     gradient the first created), clipping and the AdamW step. `workspace`: the bytes of one
     cuBLAS workspace (CUDA)."""
-    s = shape_of(cfg)
+    s = ModelShape.of(cfg.model)
     split = cfg.memory.micro_split
     b, T = -(-cfg.train.batch_size // split), cfg.model.block_size  # the largest slice
     world, mode, scale = _parallel(cfg, a)
@@ -268,7 +270,7 @@ def eval_rows(cfg: Config) -> int:
 def eval_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) -> Timeline:
     """An evaluation pass: in a training run with the model and AdamW state alive (and both
     threads' cuBLAS workspaces); in an eval-only run with the weights alone."""
-    s = shape_of(cfg)
+    s = ModelShape.of(cfg.model)
     b, T = eval_rows(cfg), cfg.eval_block_size
     N = b * T
     world, mode, scale = _parallel(cfg, a)
@@ -281,7 +283,7 @@ def eval_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) -> 
     tl.alloc("eval buffers", 8)  # the loss sum
     batch, pos, x = _embed(tl, s, N, T, "eval buffers")
     _, cached, x = Blocks(tl, s, b, T, a).forward_no_grad(x, keep_inputs=False)
-    ln_f = tl.alloc("activations", 4 * N * s.C)
+    ln_f = tl.alloc("activations", 4 * N * s.n_embd)
     stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
     tl.free(*stats)
     tl.free(x)
@@ -295,9 +297,9 @@ def _parts(tl: Timeline, notes: dict[str, str]) -> list[Part]:
     return [Part(k, v, notes.get(k, "")) for k, v in tl.at_peak.items() if v > 0]
 
 
-def _notes(cfg: Config, s: Shape, device_type: str, dtype: str, workspace: int) -> tuple[dict, dict]:
+def _notes(cfg: Config, s: ModelShape, device_type: str, dtype: str, workspace: int) -> tuple[dict, dict]:
     """What each part of the training and the evaluation breakdown counts."""
-    b, T, C, L = cfg.train.batch_size, cfg.model.block_size, s.C, s.L
+    b, T, C, L, V = cfg.train.batch_size, cfg.model.block_size, s.n_embd, s.n_layer, s.padded_vocab
     eb, eT = eval_rows(cfg), cfg.eval_block_size
     per_block = "checkpointed: block inputs only" if cfg.memory.checkpointing else "saved for backward"
     if cfg.model.dropout > 0:
@@ -319,12 +321,12 @@ def _notes(cfg: Config, s: Shape, device_type: str, dtype: str, workspace: int) 
             notes[k] += f", sharded over {world} processes"
     tn, en = dict(notes), dict(notes)
     tn["activations"] = f"{L} layers x b={b} x s={T} x h={C}, {per_block}"
-    tn["logits and loss"] = (f"chunks of {chunk} rows x V={s.V} + grads of h and lm_head"
-                             if cfg.memory.loss == "chunked" else f"full logits: b x s x V = {b}x{T}x{s.V}")
+    tn["logits and loss"] = (f"chunks of {chunk} rows x V={V} + grads of h and lm_head"
+                             if cfg.memory.loss == "chunked" else f"full logits: b x s x V = {b}x{T}x{V}")
     tn[WORKSPACES] = f"2 x {fmt_bytes(workspace)}: the forward's thread and autograd's"
     en["activations"] = f"one block at a time, b={eb} x s={eT} x h={C} (no_grad)"
-    en["logits and loss"] = (f"chunks of {chunk} rows x V={s.V}" if cfg.memory.loss == "chunked"
-                             else f"full logits: b x s x V = {eb}x{eT}x{s.V}")
+    en["logits and loss"] = (f"chunks of {chunk} rows x V={V}" if cfg.memory.loss == "chunked"
+                             else f"full logits: b x s x V = {eb}x{eT}x{V}")
     en["eval buffers"] = "token ids and the loss sum"
     en[WORKSPACES] = (f"1 x {fmt_bytes(workspace)}: no backward has run" if cfg.train.eval_only
                       else tn[WORKSPACES] + " (from training)")
@@ -340,7 +342,7 @@ def estimate(cfg: Config, device_type: str = "cuda", dtype: str | None = None,
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
     a = 4 if dtype == "float32" else 2
-    s = shape_of(cfg)
+    s = ModelShape.of(cfg.model)
     workspace = cublas_workspace(gpu) if device_type == "cuda" else 0
     tn, en = _notes(cfg, s, device_type, dtype, workspace)
     ttl = train_timeline(cfg, a, device_type, workspace)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from fitgpt.config.schema import Config
 from fitgpt.console import fmt_bytes
 from fitgpt.errors import ConfigError
+from fitgpt.model.shape import ModelShape
 from fitgpt.planner.estimate import estimate
 from fitgpt.planner.gpus import Gpu
 from fitgpt.planner.timeline import Estimate
@@ -30,16 +31,6 @@ CHUNKED_COST = 1.02  # chunked loss: ~2 % slower than the full one (more, smalle
 
 
 # ----------------------------------------------------------------------------- throughput
-
-def flops_per_token(cfg: Config, seq_len: int | None = None) -> int:
-    """Training FLOPs per token from the config, as `GPT.flops_per_token` counts them:
-    6 per non-embedding parameter + 6 per lm_head weight + 12 x layers x width x context."""
-    m = cfg.model
-    C, L, T = m.n_embd, m.n_layer, seq_len or m.block_size
-    per_block = 12 * C * C + 2 * C + (11 * C if m.bias else 0)  # matrices, LayerNorms, biases
-    n = L * per_block + C * (2 if m.bias else 1)  # + ln_f
-    return 6 * n + 6 * cfg.padded_vocab * C + 12 * L * C * T
-
 
 def utilisation(tokens_per_micro_batch: int) -> float:
     """Fraction of the card's peak a micro-batch of this many tokens reaches (a model, not a
@@ -57,8 +48,9 @@ def predicted_throughput(cfg: Config, gpu: Gpu | None = None) -> float:
     costs ~2 % more. A card without a TFLOP/s figure counts as 100 TFLOP/s. Only ratios
     between configurations on the same card mean anything: this is no forecast of a real run.
     """
-    f = flops_per_token(cfg)
-    lm_head = 6 * cfg.padded_vocab * cfg.model.n_embd
+    shape = ModelShape.of(cfg.model)
+    f = shape.flops_per_token()
+    lm_head = shape.lm_head_flops_per_token()
     blocks = f - lm_head
     if cfg.memory.checkpointing:
         blocks = blocks * 4 / 3
