@@ -288,6 +288,9 @@ def test_only_name_keys_fall_back_from_non_literals(tmp_path):
     ("cli:--memory.loss=fast", "memory.loss: expected one of chunked, full, got 'fast'"),
     ("cli:--parallel.mode=zero3", "parallel.mode: expected one of ddp, fsdp, got 'zero3'"),
     ("cli:--train.device=gpu", "train.device: expected auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
+    ("cli:--train.dtype=fp17", "train.dtype: expected one of float32, bfloat16, float16, auto; got 'fp17'"),
+    ("toml:[train]\ninit_from = 'foo'\n", "train.init_from: expected scratch, resume or one of gpt2, "
+     "gpt2-medium, gpt2-large, gpt2-xl (its shape, for planning); got 'foo'"),
     ("cli:--memory.budget=nanGB", "memory size 'nanGB'"),
     ("cli:--train.lr=nan", "'nan' is not a finite number"),
     ("py:learning_rate = inf\n", "'inf' is not a finite number"),
@@ -316,3 +319,58 @@ def test_every_number_field_has_its_valid_range_beside_it():
     assert numeric and [k for k in numeric if k not in field_ranges()] == []
     assert "--train.beta1=FLOAT  [default 0.9, valid [0, 1)]" in help_text()
     assert "--memory.loss={chunked,full}" in help_text()
+
+
+def test_choices_are_read_from_the_annotation(tmp_path):
+    """Guards issue 14: a choice field is a Literal beside its field (with a Choice when it takes
+    other spellings or a pattern), and the check, `--help` and the error all read the choices from
+    there, so a new choice is one edit. train.dtype's aliases work in any case from every source."""
+    import typing
+
+    from fitgpt.config.load import choose, field_choices, field_types, normalise
+    from fitgpt.config.pyfile import GPT2_SHAPES
+
+    literal = {k: typing.get_args(tp) for k, tp in field_types().items()
+               if typing.get_origin(tp) is typing.Literal}
+    assert {"train.dtype", "train.init_from", "memory.loss", "memory.fit", "parallel.mode",
+            "parallel.backend"} <= set(literal)
+    for key, values in literal.items():
+        assert f"--{key}={{{','.join(values)}}}" in help_text()
+        if key in field_choices():  # a written-out description must name every choice
+            assert all(v in field_choices()[key].text.format(", ".join(values)) for v in values)
+    assert set(GPT2_SHAPES) == set(literal["train.init_from"]) - {"scratch", "resume"}
+    assert choose("x.y", "b", typing.Literal["a", "b"]) == "b"  # nothing but the annotation
+
+    p = write(tmp_path, "c.toml", "[train]\ndtype = 'BF16'\n")
+    assert load_config(str(p), []).train.dtype == "bfloat16"
+    assert load_config("demo", ["--train.dtype=Fp16"]).train.dtype == "float16"
+    assert load_config("demo", ["--dtype=float32", "--train.device=cuda:1"]).train.device == "cuda:1"
+    cfg = Config()
+    cfg.train.dtype = "fp32"  # assigned in code, not through the loader
+    normalise(cfg)
+    assert cfg.train.dtype == "float32"
+    cfg.memory.loss = "fast"
+    with pytest.raises(ConfigError, match="memory.loss: expected one of chunked, full, got 'fast'"):
+        normalise(cfg)
+
+
+def test_override_keys_may_be_spelled_with_dashes():
+    """Guards issue 14: `--train.max-steps=5` is `--train.max_steps=5` for every reader of the
+    command line (one parser), a bare flag included."""
+    from fitgpt.config.load import parse_overrides
+
+    assert parse_overrides(["--train.max-steps=5", "--eval-batch-size", "4", "--train.eval-only"]) == [
+        ("train.max_steps", "5"), ("eval_batch_size", "4"), ("train.eval_only", None)]
+    cfg = load_config("demo", ["--train.max-steps=5", "--eval-batch-size", "4", "--train.eval-only"])
+    assert (cfg.train.max_steps, cfg.eval.batch_size, cfg.train.eval_only) == (5, 4, True)
+
+
+def test_run_names_are_checked_in_the_config_layer():
+    """Guards issue 14: run-name validation lives in config/ (below store/, which uses it)."""
+    from fitgpt.config.names import check_name
+    from fitgpt.store import rundir
+
+    assert rundir.check_name is check_name
+    with pytest.raises(ConfigError, match="contains a path separator"):
+        load_config("demo", ["--log.run_name=../x"])
+

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fitgpt.config import schema as config_module
+from fitgpt.config.names import check_name
 from fitgpt.config.pyfile import (  # noqa: F401 - re-exported: nanoGPT files are part of loading
     GPT2_SHAPES,
     NANOGPT_ACCEPTED,
@@ -35,7 +36,7 @@ from fitgpt.config.pyfile import (  # noqa: F401 - re-exported: nanoGPT files ar
     read_nanogpt_file,
     safe_eval,
 )
-from fitgpt.config.schema import SECTIONS, Config, Range
+from fitgpt.config.schema import SECTIONS, Choice, Config, Range
 from fitgpt.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -44,9 +45,6 @@ else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
     import tomli as tomllib
 
 BUILTIN_DIR = Path(__file__).parent.parent / "configs"
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "auto": "auto"}
 
 
 # ----------------------------------------------------------------------------- field metadata
@@ -78,21 +76,50 @@ def field_types() -> dict[str, Any]:
     return out
 
 
-@functools.cache
-def field_ranges() -> dict[str, Range]:
-    """Dotted key -> the Range in the field's `Annotated[...]`, for the fields that have one."""
+def _annotated(kind: type) -> dict[str, Any]:
+    """Dotted key -> the `kind` object in the field's `Annotated[...]`, for the fields that have one."""
     out = {}
     for sec, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
             for meta in getattr(hints[f.name], "__metadata__", ()):
-                if isinstance(meta, Range):
+                if isinstance(meta, kind):
                     out[f"{sec}.{f.name}"] = meta
     return out
 
 
+@functools.cache
+def field_ranges() -> dict[str, Range]:
+    """Dotted key -> the Range of a numeric field."""
+    return _annotated(Range)
+
+
+@functools.cache
+def field_choices() -> dict[str, Choice]:
+    """Dotted key -> the Choice of a choice field that has one (other spellings, a pattern)."""
+    return _annotated(Choice)
+
+
 def _choices(tp: Any) -> tuple | None:
+    """The values of a `Literal[...]` type, else None."""
     return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
+def choose(key: str, value: Any, tp: Any) -> Any:
+    """The one check of a choice field (a `Literal`, or a field with a `Choice`): the value as
+    stored (an alias replaced by the value it names), or a ConfigError that lists the choices,
+    both read from the field's annotation."""
+    values, rule = _choices(tp) or (), field_choices().get(key)
+    if rule is None:
+        if isinstance(value, str) and value in values:
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
+    if isinstance(value, str):
+        text = value.lower() if rule.any_case else value
+        text = dict(rule.aliases).get(text, text)
+        if text in values or (rule.pattern and re.fullmatch(rule.pattern, text)):
+            return text
+    raise ConfigError(f"{key}: expected {rule.text.format(', '.join(values))}; got {_short(value)}")
 
 
 def _short(value: Any, n: int = 80) -> str:
@@ -115,11 +142,9 @@ def coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
     args = typing.get_args(tp)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), tp) if args else tp
+    if _choices(tp) or key in field_choices():
+        return choose(key, value, tp)
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}")
-    if _choices(tp):
-        if isinstance(value, str) and value in _choices(tp):
-            return value
-        raise bad
     if value is None or (from_text and optional and str(value).lower() in ("none", "null")):
         if optional:
             return None
@@ -240,9 +265,7 @@ def file_settings(path: Path, notes: list[str]) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for sec, table in read_toml(path).items():
         if sec == "name" and isinstance(table, str):
-            from fitgpt.store.rundir import check_name  # a name becomes a run folder's name
-
-            check_name(f"{path}: name", table)
+            check_name(f"{path}: name", table)  # a name becomes a run folder's name
             out.append(("name", table))
         elif sec not in SECTIONS or not isinstance(table, dict):
             raise unknown_key(sec, str(path))
@@ -275,7 +298,9 @@ def apply_file(cfg: Config, path: Path, notes: list[str]) -> None:
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str | None]]:
-    """`--a.b=v`, `--a.b v`, `--flat=v`, `--flag` -> [(key, text)], text None for a bare flag."""
+    """`--a.b=v`, `--a.b v`, `--flat=v`, `--flag` -> [(key, text)], text None for a bare flag.
+    A key may be spelled with `-` for `_` (`--train.max-steps`); it is returned with `_`. Every
+    reader of the command line (a new run, a resumed one, torchrun's relaunch) goes through here."""
     out: list[tuple[str, str | None]] = []
     i = 0
     while i < len(args):
@@ -285,14 +310,28 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str | None]]:
         body = tok[2:]
         if "=" in body:
             key, text = body.split("=", 1)
-            out.append((key, text))
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            out.append((body, args[i + 1]))
+            key, text = body, args[i + 1]
             i += 1
         else:
-            out.append((body, None))
+            key, text = body, None
+        out.append((key.replace("-", "_"), text))
         i += 1
     return out
+
+
+def apply_overrides(cfg: Config, overrides: list[str], notes: list[str] | None = None) -> None:
+    """Command-line overrides on top of cfg (a bare `--flag` sets a bool field to true), then
+    the checks. Used for a new run and, on a checkpoint's config, for a resumed or loaded one."""
+    types_ = field_types()
+    for key, text in parse_overrides(overrides):
+        if text is None:
+            if types_.get(NANOGPT_KEYS.get(key, key)) is not bool:
+                raise ConfigError(f"--{key}: needs a value, e.g. --{key}=...")
+            text = "true"
+        set_value(cfg, key, text, where="command line", from_text=True, notes=notes)
+    normalise(cfg)
+    check(cfg)
 
 
 def load_config(spec: str | None, overrides: list[str], *, default: str | None = "demo",
@@ -303,28 +342,19 @@ def load_config(spec: str | None, overrides: list[str], *, default: str | None =
     spec = spec or default
     if spec:
         apply_file(cfg, resolve_path(spec), notes)
-    types_ = field_types()
-    for key, text in parse_overrides(overrides):
-        full = NANOGPT_KEYS.get(key, key)
-        if text is None:
-            if types_.get(full) is bool:
-                text = "true"
-            else:
-                raise ConfigError(f"--{key}: needs a value, e.g. --{key}=...")
-        set_value(cfg, key.replace("-", "_"), text, where="command line", from_text=True,
-                  notes=notes)
-    normalise(cfg)
-    check(cfg)
+    apply_overrides(cfg, overrides, notes)
     return cfg
 
 
 # ----------------------------------------------------------------------------- checks
 
 def normalise(cfg: Config) -> None:
-    d = cfg.train.dtype.lower()
-    if d not in DTYPES:
-        raise ConfigError(f"train.dtype: expected one of float32, bfloat16, float16, auto; got {cfg.train.dtype!r}")
-    cfg.train.dtype = DTYPES[d]
+    """Every choice field through `choose`, for the values code assigned directly rather than
+    through set_value (which already checks them): each is stored as its canonical value."""
+    types_ = field_types()
+    for key in [k for k, tp in types_.items() if _choices(tp) or k in field_choices()]:
+        sec, name = key.split(".")
+        setattr(getattr(cfg, sec), name, choose(key, getattr(getattr(cfg, sec), name), types_[key]))
 
 
 def parse_size(text: str) -> int:
@@ -344,7 +374,6 @@ def parse_size(text: str) -> int:
 
 
 INT64_MAX = 2**63 - 1  # what a torch size or counter holds
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def check_ranges(cfg: Config) -> None:
@@ -383,14 +412,7 @@ def check(cfg: Config) -> None:
                           f"for a constant lr")
     if mem.budget is not None:
         parse_size(mem.budget)
-    if not DEVICE.fullmatch(t.device):
-        raise ConfigError(f"train.device: expected auto, cpu, cuda, cuda:N or mps; got {_short(t.device)}")
-    if t.init_from not in ("scratch", "resume") and t.init_from not in GPT2_SHAPES:
-        raise ConfigError(f"train.init_from: expected scratch, resume or one of "
-                          f"{', '.join(GPT2_SHAPES)} (its shape, for planning); got {_short(t.init_from)}")
     if log.run_name is not None:  # a folder name under out_dir, never a path out of it
-        from fitgpt.store.rundir import check_name
-
         check_name("log.run_name", log.run_name)
 
 

@@ -6,7 +6,10 @@ Loading, overrides and checks live in `fitgpt.config.load`.
 
 Each field's valid values sit in its annotation, so that a field is one edit: a numeric field is
 `Annotated[type, Range(...)]` (checked, with every float also required to be finite, by
-`configio.check`), a field with a few fixed choices is a `Literal[...]` (checked as it is set).
+`fitgpt.config.load.check`), a field with a few fixed choices is a `Literal[...]`, with a `Choice`
+beside it when it also takes other spellings or needs its choices described (checked as it is
+set, by `fitgpt.config.load.choose`). The checks, `--help` and the error messages read the
+choices from the annotation: a new choice is one edit.
 """
 
 from __future__ import annotations
@@ -39,6 +42,24 @@ class Range:
         if self.lo is None:
             return f"{'<' if self.hi_open else '<='} {self.hi}"
         return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a choice field accepts beyond its Literal's exact values, and how its error names
+    them. Without a Choice, a Literal field takes exactly its values and any other is refused as
+    a wrong type ("expected one of a, b, got 'x'"); with one, the message is "expected TEXT;
+    got 'x'"."""
+
+    text: str = "one of {}"
+    """The valid values in words; `{}` stands for the Literal's values, comma-separated."""
+    aliases: tuple[tuple[str, str], ...] = ()
+    """Other spellings, each stored as the value it names (fp32 -> float32)."""
+    any_case: bool = False
+    """Accept the values and aliases in any case (BF16)."""
+    pattern: str = ""
+    """A regular expression a whole value may match instead, for a field whose values are a
+    form rather than a list (cuda:N)."""
 
 
 POSITIVE = Range(1)  # counts and sizes
@@ -108,9 +129,10 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
     """Clip the global gradient norm to this (0 disables)."""
-    device: str = "auto"
+    device: Annotated[str, Choice("auto, cpu, cuda, cuda:N or mps", pattern=r"auto|cpu|mps|cuda(:\d+)?")] = "auto"
     """cpu, cuda, cuda:N, mps, or auto (cuda when present)."""
-    dtype: str = "auto"
+    dtype: Annotated[Literal["float32", "bfloat16", "float16", "auto"], Choice(
+        aliases=(("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")), any_case=True)] = "auto"
     """float32, bfloat16 or float16 autocast; auto: bfloat16 (float16 on old GPUs) on CUDA, float32 on CPU."""
     compile: bool = False
     """torch.compile the model."""
@@ -120,7 +142,8 @@ class TrainConfig:
     """Evaluate once and exit without training."""
     max_nonfinite: Annotated[int, POSITIVE] = 10
     """Stop (with a checkpoint of the last good weights) after this many non-finite losses in a row."""
-    init_from: str = "scratch"
+    init_from: Annotated[Literal["scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], Choice(
+        "scratch, resume or one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (its shape, for planning)")] = "scratch"
     """scratch, or resume (continue the latest checkpoint in the run folder)."""
 
 
@@ -262,8 +285,3 @@ class Config:
     @property
     def lr_decay_steps(self) -> int:
         return self.train.lr_decay_steps or self.train.max_steps
-
-    @property
-    def padded_vocab(self) -> int:
-        m = self.model.vocab_multiple
-        return (self.model.vocab_size + m - 1) // m * m

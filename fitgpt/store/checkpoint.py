@@ -81,5 +81,5 @@ def load_checkpoint(where: str | Path) -> dict[str, Any]:
     check_entries(state, str(path))
     state["_path"] = str(path)
     if found.note:
-        state["_note"] = found.note  # which of several candidates: fitgpt.store.resume.config_of says it
+        state["_note"] = found.note  # which of several candidates: fitgpt.store.load.config_of says it
     return state

@@ -161,8 +161,8 @@ def saved_config(ckpt: dict[str, Any]):
     """The Config a fitgpt checkpoint recorded; a missing or unusable one is a CheckpointError
     naming the file (not a ConfigError about some setting of unknown origin)."""
     from fitgpt.config.load import check, from_dict, normalise
+    from fitgpt.config.names import check_name
     from fitgpt.errors import ConfigError
-    from fitgpt.store.rundir import check_name
 
     path = ckpt.get("_path", "checkpoint")
     if not isinstance(ckpt.get("config"), Mapping) or "model" not in ckpt["config"]:
@@ -188,13 +188,14 @@ class ExpectedShapes:
     """Names and shapes of the config's model, for any n_layer, from a one-layer meta model."""
 
     def __init__(self, model_cfg, path: str):
-        from fitgpt.model.gpt import GPT, GPTShape
+        from fitgpt.model.gpt import GPT
+        from fitgpt.model.shape import ModelShape
 
         one = copy.deepcopy(model_cfg)
         one.n_layer = 1
         try:
             with torch.device("meta"):
-                meta = GPT(GPTShape.of(one))
+                meta = GPT(ModelShape.of(one), one.dropout)
         except (RuntimeError, ValueError, OverflowError, TypeError, AssertionError) as e:
             raise _fail(path, f"its config describes a model that cannot be built ({e})") from None
         self.n_layer = model_cfg.n_layer

@@ -113,10 +113,11 @@ def param_group_shapes(cfg: Config) -> list[list[tuple[int, ...]]]:
     device: nothing is allocated)."""
     import torch
 
-    from fitgpt.model.gpt import GPT, GPTShape
+    from fitgpt.model.gpt import GPT
+    from fitgpt.model.shape import ModelShape
 
     with torch.device("meta"):
-        model = GPT(GPTShape.of(cfg.model))
+        model = GPT(ModelShape.of(cfg.model))
     params = list(model.parameters())
     return [[tuple(p.shape) for p in params if p.dim() >= 2],
             [tuple(p.shape) for p in params if p.dim() < 2]]

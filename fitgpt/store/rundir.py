@@ -1,7 +1,8 @@
 """The run folder: its name, who may write it, and what a new run may not overwrite.
 
 - A run name is a name, not a path: separators, `.`, `..`, NUL and empty names are refused when
-  the config is checked (`check_name`), so `--log.run_name=../../x` cannot write outside out_dir.
+  the config is checked (fitgpt.config.names), so `--log.run_name=../../x` cannot write outside
+  out_dir.
 - One process at a time writes a run folder. `open_run_dir` takes an exclusive `flock` on
   `RUN/.lock` for the life of the run (the kernel drops it when the process dies, however it
   dies, so there are no stale locks to clean up); a second process gets one line naming the
@@ -22,31 +23,17 @@ import socket
 import time
 from pathlib import Path
 
+from fitgpt.config.names import check_name
 from fitgpt.config.schema import Config
-from fitgpt.errors import ConfigError, FitError
+from fitgpt.errors import FitError
 from fitgpt.fileio import remove_stale_temps
 
 LOCK_NAME = ".lock"
 CKPT_DIR = "checkpoints"
-MAX_NAME_BYTES = 200  # below the usual 255-byte file-name limit, with room for a "-N" suffix
 
 
 class RunFolderBusy(FitError):
     """Another live process holds the run folder's lock."""
-
-
-def check_name(key: str, name: str) -> None:
-    """A run or config name becomes one folder name under out_dir: refuse anything else."""
-    bad = ("is empty" if not name.strip() else
-           "contains a NUL character" if "\0" in name else
-           "contains a path separator" if any(s and s in name for s in ("/", "\\", os.sep, os.altsep)) else
-           f"is {name!r}, which names a folder, not a new one" if name in (".", "..") else
-           f"is longer than {MAX_NAME_BYTES} bytes" if len(name.encode("utf-8", "replace")) > MAX_NAME_BYTES
-           else None)
-    if bad:
-        raise ConfigError(f"{key}={name!r}: a run name is one folder name under log.out_dir and {bad}; "
-                          f"use letters, digits, '-', '_' or '.', e.g. --log.run_name=my-run "
-                          f"(to write elsewhere, set --log.out_dir)")
 
 
 class RunLock:
