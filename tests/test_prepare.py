@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fitgpt.cli.data import cmd_data
 from fitgpt.cli.main import main
-from fitgpt.data.inspect import cmd_data
+from fitgpt.cli.prepare import cmd_prepare, parse_count
 from fitgpt.data.prepare import pipeline
-from fitgpt.data.prepare.command import Progress, cmd_prepare, parse_count
+from fitgpt.data.prepare.job import Progress
 from fitgpt.data.shards import HEADER_BYTES, MAGIC, find_splits, read_shard, write_token_shards
 from fitgpt.data.tokenizer import EOT, gpt2_encoding
 from fitgpt.errors import DataError

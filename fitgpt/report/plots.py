@@ -53,14 +53,13 @@ def check_png_path(out: Path) -> Path:
 
 
 def save_png(fig, out: Path, dpi: int = 110) -> Path:
-    """Write fig to out atomically (a temporary file in the same folder, then renamed)."""
+    """Write fig to out atomically and fsynced, as every file fitgpt writes (fitgpt.fileio)."""
+    from fitgpt.fileio import atomic_write
+
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, out)
+        atomic_write(out, lambda f: fig.savefig(f, dpi=dpi, format="png"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FitError(f"{out}: cannot write the picture ({e.strerror or e})") from None
     return out
 

@@ -7,7 +7,6 @@ fitgpt.report.plots (matplotlib, imported only when a picture is drawn).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fitgpt.errors import FitError
+from fitgpt.model.shape import ModelShape
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,15 +67,16 @@ class Run:
 
 
 def params_of(model: dict[str, Any]) -> int | None:
-    """Parameters (tied lm_head counted once) from a config's model table, as GPT counts them."""
+    """Parameters (tied lm_head counted once) from a saved config's model table, as the
+    model's `ModelShape` counts them; None when the table lacks a field that counts."""
     try:
-        L, C, T = int(model["n_layer"]), int(model["n_embd"]), int(model["block_size"])
-        V, mult, bias = int(model["vocab_size"]), int(model.get("vocab_multiple", 64)), bool(model["bias"])
+        shape = ModelShape(
+            n_layer=int(model["n_layer"]), n_head=1, n_embd=int(model["n_embd"]),  # n_head changes no count
+            block_size=int(model["block_size"]), vocab_size=int(model["vocab_size"]),
+            vocab_multiple=int(model.get("vocab_multiple", 64)), bias=bool(model["bias"]))
     except (KeyError, TypeError, ValueError):
         return None
-    padded = -(-V // mult) * mult
-    per_block = 12 * C * C + 2 * C + (11 * C if bias else 0)
-    return L * per_block + C * (2 if bias else 1) + padded * C + T * C
+    return shape.params()
 
 
 def is_run(path: Path) -> bool:
@@ -141,43 +142,16 @@ def plot_runs(paths: list[Path], out: Path) -> Path:
     return draw([read_run(p) for p in paths], out)
 
 
-# ----------------------------------------------------------------------------- commands
-
-def cmd_plot(args: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fitgpt plot", description=(
-        "Train/val loss against tokens and each phase's peak memory against its prediction, for "
-        "one run or several compared."))
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", help="PNG to write (default: RUN_DIR/plots.png for one run, "
-                                 "plots.png here for several)")
-    a = parse(p, args)
-    paths = [Path(d) for d in a.run_dirs]
-    for d in paths:
-        if not is_run(d):
-            raise FitError(f"{d}: not a run folder (no config.toml, metrics.jsonl or summary.json)")
-    out = Path(a.out) if a.out else (paths[0] / "plots.png" if len(paths) == 1 else Path("plots.png"))
-    if out.suffix.lower() != ".png":
-        raise FitError(f"--out {out}: the picture is a PNG; give a file name ending in .png")
-    from fitgpt.console import say
-
-    say(f"wrote {plot_runs(paths, out)}")
-    return 0
-
-
-def cmd_runs(args: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fitgpt runs", description=(
-        "List the run folders under DIR: name, model size, tokens, best val loss, status "
-        f"(a run without summary.json is '{NO_SUMMARY}')."))
-    p.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="default: runs")
-    a = parse(p, args)
+def print_runs(folder: str) -> list[Run]:
+    """`fitgpt runs`: a table of the runs under folder (a line when there are none); the runs."""
     from rich.table import Table
 
     from fitgpt.console import console
 
-    runs = list_runs(Path(a.dir))
+    runs = list_runs(Path(folder))
     if not runs:
-        console.print(f"no runs under {a.dir}/", markup=False)
-        return 0
+        console.print(f"no runs under {folder}/", markup=False)
+        return runs
     table = Table(box=None, header_style="bold")
     for col, just in (("run", "left"), ("params", "right"), ("tokens", "right"),
                       ("best val", "right"), ("status", "left")):
@@ -185,14 +159,4 @@ def cmd_runs(args: list[str]) -> int:
     for row in runs_table(runs):
         table.add_row(*row)
     console.print(table)
-    return 0
-
-
-def parse(parser: argparse.ArgumentParser, args: list[str], known: bool = False):
-    """argparse, with its usage errors raised as FitError (one line, exit code 2). With known,
-    (namespace, the arguments it did not know): the --section.key=value overrides."""
-    def error(message: str):
-        raise FitError(f"{parser.prog}: {message}")
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser.parse_known_args(args) if known else parser.parse_args(args)
+    return runs

