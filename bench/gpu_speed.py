@@ -19,7 +19,7 @@ variant, order alternating over repeats, ratios within a repeat):
    chunked loss at 512, 1024, 2048 and 4096 rows per chunk, for the CUDA default of
    memory.loss_chunk.
 4. `sync`: the cost of train_step's one host sync per optimizer step (the loss, the gradient
-   norm and the wish to stop, read together by `fitgpt.train.loop.host_values`), by timing the 124M
+   norm and the wish to stop, read together by `fitgpt.train.step.host_values`), by timing the 124M
    chunked run with it replaced by host-side zeros (an experiment only; training keeps it).
 
 `--dry-run` prints what would run, with the planner's predictions, without a GPU. Part 1 from
@@ -77,14 +77,14 @@ def full_batch_candidates(accum: int) -> list[tuple[int, int]]:
 @contextlib.contextmanager
 def no_finite_check():
     """train_step's one host sync replaced by zeros (finite, no wish to stop): experiment only."""
-    import fitgpt.train.loop
+    import fitgpt.train.step
 
-    real = fitgpt.train.loop.host_values
-    fitgpt.train.loop.host_values = lambda t: [0.0] * t.numel()  # numel() is known on the host
+    real = fitgpt.train.step.host_values
+    fitgpt.train.step.host_values = lambda t: [0.0] * t.numel()  # numel() is known on the host
     try:
         yield
     finally:
-        fitgpt.train.loop.host_values = real
+        fitgpt.train.step.host_values = real
 
 
 def part_124m(args) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 from fitgpt.config.load import load_config
 from fitgpt.config.schema import Config
 from fitgpt.errors import ConfigError
+from fitgpt.model.shape import ModelShape
 from fitgpt.train.bench import COLUMNS, Variant, cli, markdown, parse_variants, render, table_rows
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
@@ -102,7 +103,7 @@ def test_default_config_is_small_with_the_gpt2_vocabulary():
     cfg = load_config(None, [], default="bench-cpu")
     m = cfg.model
     assert (m.n_layer, m.n_embd, m.block_size, cfg.train.batch_size) == (4, 128, 256, 8)
-    assert cfg.padded_vocab == 50304 and cfg.train.grad_accum == 1
+    assert ModelShape.of(m).padded_vocab == 50304 and cfg.train.grad_accum == 1
 
 
 def test_bad_numbers_are_config_errors():

@@ -22,7 +22,7 @@ from fitgpt.store.checkpoint import find_checkpoint, load_checkpoint
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory) -> Path:
     """A real checkpoint of one training step of the tiny model."""
-    from fitgpt.train.loop import run
+    from fitgpt.train.trainer import run
 
     root = tmp_path_factory.mktemp("good")
     shards = root / "shards"

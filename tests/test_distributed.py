@@ -16,7 +16,7 @@ from conftest import tiny_config
 from fitgpt.config.load import to_toml
 from fitgpt.store.checkpoint import load_checkpoint
 from fitgpt.store.resume import resume_config
-from fitgpt.train.loop import run
+from fitgpt.train.trainer import run
 
 
 def torchrun(args: list[str], env: dict | None = None, timeout: int = 240):

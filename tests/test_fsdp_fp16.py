@@ -22,9 +22,9 @@ def _worker(out: Path) -> None:
 
     from fitgpt.model.runtime import Runtime, build_model
     from fitgpt.train import distributed
-    from fitgpt.train.loop import train_step
+    from fitgpt.train.step import train_step
 
-    world, _ = distributed.init("cpu", "gloo")
+    world = distributed.init("cpu", "gloo")
     rt = Runtime(torch.device("cpu"), torch.float16)
     cfg = tiny_config(out, out, train__dtype="float16")
     torch.manual_seed(cfg.train.seed)

@@ -13,8 +13,9 @@ from fitgpt.config.schema import Config
 from fitgpt.data.shards import ValWindows, find_splits
 from fitgpt.eval.evaluate import evaluate
 from fitgpt.model.runtime import Runtime, build_model
+from fitgpt.model.shape import ModelShape
 from fitgpt.store.checkpoint import load_checkpoint
-from fitgpt.store.resume import config_of, load_model
+from fitgpt.store.load import config_of, load_model
 
 # nanoGPT's model.py registers, per block: ln_1, attn (c_attn, c_proj), ln_2, mlp (c_fc, c_proj);
 # before the blocks wte and wpe, after them ln_f; lm_head's weight is wte's (tied, listed once).
@@ -94,7 +95,8 @@ def test_checkpoint_converts_with_its_optimizer_state(tmp_path):
     ckpt = load_checkpoint(tmp_path / "out")  # the out_dir finds ckpt.pt
     cfg = config_of(ckpt, notes)
     m = cfg.model
-    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size, cfg.padded_vocab) == (2, 2, 32, 32, 256, 256)
+    padded = ModelShape.of(m).padded_vocab
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size, padded) == (2, 2, 32, 32, 256, 256)
     assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.lr, cfg.data.dir) == (4, 2, 3e-3, "data/shakespeare")
     assert (cfg.train.device, cfg.train.dtype, cfg.train.compile) == ("auto", "auto", False)
     assert ckpt["step"] == 3 and ckpt["tokens"] == 3 * cfg.tokens_per_step

@@ -15,12 +15,10 @@ import torch
 
 from fitgpt.cli.main import main
 from fitgpt.config.load import load_config, parse_size
-from fitgpt.config.schema import Config
 from fitgpt.errors import ConfigError
-from fitgpt.model.gpt import GPT, GPTShape
 from fitgpt.model.runtime import Runtime
 from fitgpt.planner.estimate import estimate
-from fitgpt.planner.fit import auto_fit, flops_per_token, overrides_of, predicted_throughput, proposals, utilisation
+from fitgpt.planner.fit import auto_fit, overrides_of, predicted_throughput, proposals, utilisation
 from fitgpt.planner.gpus import MiB, find_gpu, lookup, smi_gpu
 from fitgpt.planner.plan import make_plan, prepare_training
 from fitgpt.planner.verify import verify
@@ -69,25 +67,6 @@ def test_driver_names_map_to_the_table_but_not_to_a_different_card():
 
 
 # ----------------------------------------------------------------------------- throughput
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_flops_per_token_from_the_config_matches_the_model(bias):
-    cfg = Config()
-    cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.bias = 3, 96, 4, bias
-    with torch.device("meta"):
-        model = GPT(GPTShape.of(cfg.model))
-    assert flops_per_token(cfg) == model.flops_per_token()
-
-
-def test_flops_per_token_is_nanogpts_for_gpt2_124m():
-    """nanoGPT's estimate_mfu: flops_per_token = 6*N + 12*L*H*Q*T, with N its
-    get_num_params(non_embedding=True), which subtracts only wpe (wte is the lm_head): the
-    123.69M it prints for GPT-2 124M (bias, vocab 50304). 6 x 123,689,472 + 12 x 12 x 12 x 64 x
-    1024 = 742,136,832 + 113,246,208."""
-    cfg = Config()
-    cfg.model.bias = True  # nanoGPT's default; n_layer 12, n_head 12, n_embd 768, block 1024
-    assert flops_per_token(cfg) == 855_383_040
-
 
 def test_throughput_model_orders_the_options():
     """Checkpointing costs ~25 % (4/3 of the blocks' FLOPs), small micro-batches lose

@@ -23,7 +23,7 @@ from fitgpt.config.load import to_toml
 from fitgpt.data.shards import write_shard
 from fitgpt.store.checkpoint import load_checkpoint
 from fitgpt.store.resume import resume_config
-from fitgpt.train.loop import run
+from fitgpt.train.trainer import run
 
 ROOT = Path(__file__).parent.parent
 

@@ -18,7 +18,7 @@ from fitgpt.config.load import to_toml
 from fitgpt.fileio import atomic_write, create_exclusive, open_append, temp_name
 from fitgpt.store.checkpoint import load_checkpoint
 from fitgpt.store.rundir import LOCK_NAME, claim_new
-from fitgpt.train.loop import run
+from fitgpt.train.trainer import run
 
 HOLD = ("import sys; from pathlib import Path; from fitgpt.store.rundir import lock_run_dir; "
         "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()")

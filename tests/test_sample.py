@@ -11,7 +11,7 @@ from fitgpt.cli.main import main
 from fitgpt.config.load import to_dict
 from fitgpt.config.schema import Config
 from fitgpt.eval.sample import crop_prompt
-from fitgpt.model.gpt import KVCache, sample_next
+from fitgpt.model.generate import KVCache, sample_next
 from fitgpt.model.runtime import build_model
 
 
@@ -156,7 +156,7 @@ def char_run(tmp_path_factory):
     with the end-of-run sample on; shared by the tests below (none of them changes it)."""
     from conftest import tiny_config
 
-    from fitgpt.train.loop import run
+    from fitgpt.train.trainer import run
 
     root = tmp_path_factory.mktemp("char")
     data = root / "data" / "shakespeare_char"
@@ -174,7 +174,7 @@ def test_char_level_dataset_samples_through_its_meta_pkl(char_run, capsys):
     output decoded with meta.pkl's stoi/itos (as nanoGPT's sample.py does), both by `fitgpt
     sample` and by the end-of-run sample; checked against the model's own greedy ids decoded
     here through the pickled itos."""
-    from fitgpt.store.resume import load_model
+    from fitgpt.store.load import load_model
 
     summary, itos, _ = char_run
     assert summary["sample"].startswith("ROMEO:")
@@ -234,7 +234,7 @@ def test_char_level_eval_reports_bits_per_byte(char_run, capsys):
     import numpy as np
 
     from fitgpt.data.shards import ValWindows, find_splits
-    from fitgpt.store.resume import eval_checkpoint
+    from fitgpt.eval.run import eval_checkpoint
 
     summary, itos, data = char_run
     res = eval_checkpoint(summary["run_dir"], [])

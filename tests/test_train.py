@@ -20,7 +20,8 @@ from fitgpt.eval.evaluate import evaluate
 from fitgpt.model.runtime import Runtime, build_model
 from fitgpt.store.checkpoint import load_checkpoint
 from fitgpt.store.resume import resume_config
-from fitgpt.train.loop import lr_at, run
+from fitgpt.train.step import lr_at
+from fitgpt.train.trainer import run
 
 SEED = Path(__file__).parent.parent / "fitgpt" / "configs" / "seed-77m.py"
 

@@ -26,7 +26,6 @@ import torch
 
 from fitgpt.errors import DataError
 from fitgpt.model.runtime import Runtime
-from fitgpt.train import faults
 
 
 @dataclass
@@ -72,11 +71,13 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float | None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime, step: int = 0,
-             vocab: int | None = None, byte_table: np.ndarray | None = None) -> EvalResult:
+             vocab: int | None = None, byte_table: np.ndarray | None = None,
+             faults=None) -> EvalResult:
     """Mean loss over every validation window, `batch_size` windows per forward pass.
     With vocab, a token id outside the model's vocabulary is a DataError, not a crash, and
     for the GPT-2 vocabulary (or with byte_table: UTF-8 bytes per id, 2**16 entries) the result
-    has bits per byte."""
+    has bits per byte. `faults`: the trainer's fault injection (fitgpt.train.faults.Faults, whose
+    `maybe_oom("eval", step, batch)` is called before each batch); None injects none."""
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -91,7 +92,8 @@ def evaluate(model: torch.nn.Module, val, batch_size: int, rt: Runtime, step: in
                                 f"model.vocab_size {vocab}; set --model.vocab_size or re-prepare")
             if table is not None:
                 nbytes += int(table[y.numpy()].sum())
-            faults.maybe_oom("eval", step, x.size(0))
+            if faults is not None:
+                faults.maybe_oom("eval", step, x.size(0))
             x, y = rt.to_device(x, y)
             with rt.autocast():
                 total += model(x, y, reduction="sum").to(acc)

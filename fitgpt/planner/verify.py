@@ -1,7 +1,8 @@
 """`fitgpt plan --verify`: run a few real steps and one evaluation, compare with the estimate.
 
-The run uses fitgpt's own machinery (`build_model`, `train_step`, `evaluate`, `Meter`) on the
-config's device, with synthetic random tokens, so no data files are needed. It measures:
+The run uses fitgpt's own machinery (the step `build_training` makes for `fitgpt train`,
+`evaluate`, `Meter`) on the config's device, with synthetic random tokens, so no data files are
+needed. It measures:
 - training: the steps after the first (the optimizer state exists from the first step on),
   with gradient accumulation capped at 2 micro-batches, because the second micro-batch
   already has every gradient alive and later ones repeat it;
@@ -62,10 +63,11 @@ def verify(cfg: Config, steps: int = 3, catch_oom: bool = False) -> dict[str, An
     that runs out of memory is reported as "OOM" instead of raising."""
     import torch
 
-    from fitgpt.model.runtime import resolve_runtime
+    from fitgpt.model.runtime import enable_tf32, resolve_runtime
     from fitgpt.planner.estimate import estimate
 
     rt = resolve_runtime(cfg.train.device, cfg.train.dtype)
+    enable_tf32(rt)
     dtype = str(rt.dtype).replace("torch.", "")
     cuda = rt.device_type == "cuda"
     card = None
@@ -111,21 +113,17 @@ def verify(cfg: Config, steps: int = 3, catch_oom: bool = False) -> dict[str, An
 
 def _measure(cfg: Config, rt, steps: int, catch_oom: bool) -> tuple[dict[str, list[int]], str | None]:
     """Peaks of the training steps after the first and of one evaluation; the phase that ran
-    out of memory (with catch_oom), or None."""
+    out of memory (with catch_oom), or None. The step is the one `fitgpt train` runs
+    (fitgpt.train.build), in one process and eager: the plan does not model torch.compile."""
     import torch
 
-    from fitgpt.eval.evaluate import evaluate
-    from fitgpt.model.runtime import build_model
-    from fitgpt.train.loop import Meter, train_step
+    from fitgpt.train.build import build_training
+    from fitgpt.train.measure import Meter
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, rt.device)
-    optimizer = model.configure_optimizer(cfg.train.weight_decay, cfg.train.lr,
-                                          (cfg.train.beta1, cfg.train.beta2), rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
-    meter = Meter(rt, track_cpu=True)
     batches = SyntheticBatches(cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size,
                                cfg.train.seed)
+    tr = build_training(cfg, batches=batches, compile=False, rt=rt)
+    meter = Meter(rt, track_cpu=True)
     val = SyntheticVal(cfg.model.vocab_size, 2 * cfg.eval_batch_size, cfg.eval_block_size)
     accum = min(cfg.train.grad_accum, 2)
     peaks: dict[str, list[int]] = {"train": [], "train_r": [], "eval": [], "eval_r": []}
@@ -138,10 +136,8 @@ def _measure(cfg: Config, rt, steps: int, catch_oom: bool) -> tuple[dict[str, li
         done = 0 if not cfg.train.eval_only else steps + 5  # eval-only: no training, no AdamW state
         # fp16 may skip the first optimizer steps (inf gradients): measure once state exists
         while done < steps or (not peaks["train"] and done < steps + 5):
-            measure = bool(optimizer.state)
-            _, peak, reserved = meter.measure(
-                lambda: train_step(model, optimizer, scaler, batches, accum, cfg.train.grad_clip, rt),
-                model, optimizer, measure)
+            measure = bool(tr.optimizer.state)
+            _, peak, reserved = meter.measure(lambda: tr.step(accum=accum), tr.model, tr.optimizer, measure)
             if measure:
                 record("train", peak, reserved)
             done += 1
@@ -149,10 +145,10 @@ def _measure(cfg: Config, rt, steps: int, catch_oom: bool) -> tuple[dict[str, li
         if not catch_oom:
             raise
         return peaks, "train"
-    optimizer.zero_grad(set_to_none=True)
+    tr.optimizer.zero_grad(set_to_none=True)
     try:
         _, peak, reserved = meter.measure(
-            lambda: evaluate(model, val, cfg.eval_batch_size, rt), model, optimizer, True)
+            lambda: tr.evaluate(val, cfg.eval_batch_size), tr.model, tr.optimizer, True)
         record("eval", peak, reserved)
     except torch.OutOfMemoryError:
         if not catch_oom:

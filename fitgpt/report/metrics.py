@@ -9,7 +9,6 @@ peak); evaluation records carry bits per byte. `finish_plots` draws plots.png at
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,11 @@ from fitgpt.console import fmt_bytes, fmt_count, say
 from fitgpt.errors import ConfigError
 from fitgpt.eval.evaluate import EvalResult
 from fitgpt.model.runtime import Runtime
+from fitgpt.model.shape import ModelShape
 
 
-def loss_status(state) -> str:
-    return "" if state.last_val is None else f"val {state.last_val:.3f}"
+def loss_status(stats) -> str:
+    return "" if stats.last_val is None else f"val {stats.last_val:.3f}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,20 +43,18 @@ def peak_flops(device: str) -> float | None:
     return gpu.tflops * 1e12 if gpu.tflops else None
 
 
-def mfu(cfg: Config, tok_s: float) -> float | None:
+def mfu(cfg: Config, tok_s: float, cards: int = 1) -> float | None:
     """Model FLOPs utilisation (0..1) at tok_s training tokens per second (all processes
-    together, over all their cards: torchrun's WORLD_SIZE); None off CUDA."""
-    from fitgpt.planner.fit import flops_per_token
-
+    together, over all their `cards`: the world size); None off CUDA."""
     peak = peak_flops(cfg.train.device)
-    cards = int(os.environ.get("WORLD_SIZE", "1"))
-    return flops_per_token(cfg) * tok_s / (peak * cards) if peak else None
+    return ModelShape.of(cfg.model).flops_per_token() * tok_s / (peak * cards) if peak else None
 
 
-def record_train(state, loss_v, norm, lr, dt, cfg, log, wandb_run) -> None:
+def record_train(state, stats, loss_v, norm, lr, dt, cfg, log, wandb_run, cards: int = 1) -> None:
+    """A training record: the TrainState's step and tokens, the RunStats' peak (fitgpt.train.state)."""
     tok_s = cfg.tokens_per_step / dt
-    peak = state.peaks.train
-    util = mfu(cfg, tok_s)
+    peak = stats.peaks.train
+    util = mfu(cfg, tok_s, cards)
     log.info(f"step {state.step:>6} | loss {loss_v:.4f} | lr {lr:.2e} | "
              f"{fmt_count(tok_s)} tok/s | {dt * 1000:.0f} ms/step"
              + (f" | mfu {util * 100:.1f}%" if util is not None else "")
@@ -69,28 +67,30 @@ def record_train(state, loss_v, norm, lr, dt, cfg, log, wandb_run) -> None:
         wandb_run.log(rec, step=state.step)
 
 
-def record_eval(state, res: EvalResult, log, wandb_run) -> None:
-    state.last_val = res.loss
-    state.first_val = res.loss if state.first_val is None else state.first_val
+def record_eval(state, stats, res: EvalResult, log, wandb_run) -> None:
+    """An evaluation record; keeps the TrainState's best and the RunStats' first and last loss."""
+    stats.last_val = res.loss
+    stats.first_val = res.loss if stats.first_val is None else stats.first_val
     state.best_val = min(state.best_val, res.loss)
     log.info(f"eval step {state.step:>6} | val loss {res.loss:.4f}"
              + (f" | bpb {res.bpb:.4f}" if res.bpb is not None else "")
              + f" | {res.tokens:,} tokens in {res.seconds:.1f}s"
-             + (f" | peak {fmt_bytes(state.peaks.eval)}" if state.peaks.eval else ""))
+             + (f" | peak {fmt_bytes(stats.peaks.eval)}" if stats.peaks.eval else ""))
     rec = {"kind": "eval", "step": state.step, "tokens": state.tokens, "val_loss": res.loss,
-           "val_bpb": res.bpb, "eval_seconds": res.seconds, "peak_eval_bytes": state.peaks.eval}
+           "val_bpb": res.bpb, "eval_seconds": res.seconds, "peak_eval_bytes": stats.peaks.eval}
     log.metrics(rec)
     if wandb_run is not None:
         wandb_run.log(rec, step=state.step)
 
 
-def summary(cfg, state, model, rt: Runtime, run_dir: Path, status: str,
+def summary(cfg, state, stats, rt: Runtime, run_dir: Path, status: str,
             untracked: bool = False) -> dict[str, Any]:
-    """summary.json's content, and the closing lines; `untracked`: FSDP on the CPU, which the
+    """summary.json's content, and the closing lines, from the TrainState (progress, back-off,
+    the model) and the RunStats (losses, timing, peaks); `untracked`: FSDP on the CPU, which the
     storage tracker cannot measure."""
     from fitgpt.planner.estimate import estimate
 
-    tok_s = state.train_tokens_timed / state.train_seconds if state.train_seconds else None
+    tok_s = stats.train_tokens_timed / stats.train_seconds if stats.train_seconds else None
     dtype = str(rt.dtype).replace("torch.", "")
     card = None
     if rt.device_type == "cuda":  # its architecture sizes the cuBLAS workspaces in the plan
@@ -103,23 +103,23 @@ def summary(cfg, state, model, rt: Runtime, run_dir: Path, status: str,
         "storage tracker (first two steps, first evaluation)" if cfg.memory.track else "not measured")
     out = {
         "status": status, "steps": state.step, "tokens": state.tokens,
-        "params": model.num_params(), "first_val_loss": state.first_val,
-        "val_loss": state.last_val, "best_val_loss": state.best_val if state.first_val else None,
-        "tokens_per_second": tok_s, "peak_train_bytes": state.peaks.train,
-        "peak_eval_bytes": state.peaks.eval, "peak_train_reserved_bytes": state.peaks.train_reserved,
-        "peak_eval_reserved_bytes": state.peaks.eval_reserved, "memory_measured_by": how,
+        "params": state.model.num_params(), "first_val_loss": stats.first_val,
+        "val_loss": stats.last_val, "best_val_loss": state.best_val if stats.first_val else None,
+        "tokens_per_second": tok_s, "peak_train_bytes": stats.peaks.train,
+        "peak_eval_bytes": stats.peaks.eval, "peak_train_reserved_bytes": stats.peaks.train_reserved,
+        "peak_eval_reserved_bytes": stats.peaks.eval_reserved, "memory_measured_by": how,
         "predicted_train_bytes": est.train.allocated, "predicted_eval_bytes": est.eval.allocated,
         "device": str(rt.device), "dtype": dtype,
         "run_dir": str(run_dir), "version": __version__,
-        "backoff": {"micro_split": state.split, "eval_batch_size": state.eval_batch,
-                    "events": state.backoffs},
+        "backoff": {"micro_split": state.micro_split, "eval_batch_size": state.eval_batch_size,
+                    "events": stats.backoffs},
     }
     say("")
-    say(f"done: {status} at step {state.step} | val loss {state.first_val or float('nan'):.3f} -> "
-        f"{state.last_val or float('nan'):.3f} | "
+    say(f"done: {status} at step {state.step} | val loss {stats.first_val or float('nan'):.3f} -> "
+        f"{stats.last_val or float('nan'):.3f} | "
         + (f"{fmt_count(tok_s)} tok/s" if tok_s else "tok/s n/a"))
-    say(f"peak memory ({how}): training {fmt_bytes(state.peaks.train)}, evaluation "
-        f"{fmt_bytes(state.peaks.eval)} | predicted: training {fmt_bytes(est.train.allocated)}, "
+    say(f"peak memory ({how}): training {fmt_bytes(stats.peaks.train)}, evaluation "
+        f"{fmt_bytes(stats.peaks.eval)} | predicted: training {fmt_bytes(est.train.allocated)}, "
         f"evaluation {fmt_bytes(est.eval.allocated)}")
     say(f"run folder: {run_dir} (config.toml, train.log, metrics.jsonl, summary.json, plots.png, "
         f"checkpoints/)")

@@ -2,8 +2,9 @@
 
 Each variant (full_logits, chunked, checkpointing, compile, or a `+` combination of them) is the
 config with those changes. For each one, in one process and one after the other, the bench
-builds the model (seeded), takes `warmup` untimed training steps, then `steps` timed ones, then
-one evaluation, all on synthetic seeded tokens (`fitgpt.planner.verify`'s batches: no data files).
+builds the step `fitgpt train` runs (`fitgpt.train.build`, seeded), takes `warmup` untimed
+training steps, then `steps` timed ones, then one evaluation, all on synthetic seeded tokens
+(`fitgpt.planner.verify`'s batches: no data files).
 Repeats alternate the order of the variants (forward, then backward, ...), and each variant's
 speed ratio to the first is the median over repeats of the ratio measured in the same repeat,
 so a machine that slows down for a while weighs on both sides of a ratio.
@@ -11,7 +12,7 @@ so a machine that slows down for a while weighs on both sides of a ratio.
 Peak memory is measured as `fitgpt plan --verify` measures it, on the first repeat, in steps of
 its own that are not timed: a training step after the first (the optimizer state exists) and one
 evaluation with the model and optimizer state alive; CUDA allocator statistics on a GPU, the
-storage tracker on the CPU. MFU is the model's training FLOPs per token (`GPT.flops_per_token`)
+storage tracker on the CPU. MFU is the model's training FLOPs per token (`ModelShape.flops_per_token`)
 times tokens/s over the card's dense 16-bit peak from the planner's card table
 (`fitgpt.planner.gpus`); a CPU has no entry there, so it shows tokens/s only.
 """
@@ -30,6 +31,7 @@ from typing import Any
 
 from fitgpt.config.schema import Config
 from fitgpt.errors import ConfigError
+from fitgpt.model.shape import ModelShape
 
 TOKENS = ("full_logits", "chunked", "checkpointing", "compile")
 DEFAULT_VARIANTS = "full_logits,chunked"
@@ -117,28 +119,19 @@ def _one_run(cfg: Config, rt, steps: int, warmup: int, memory: bool) -> dict[str
     measure the peaks (in extra untimed work) as `fitgpt plan --verify` does."""
     import torch
 
-    from fitgpt.eval.evaluate import evaluate
-    from fitgpt.model.runtime import build_model
     from fitgpt.planner.verify import SyntheticBatches, SyntheticVal
-    from fitgpt.train.loop import train_step
+    from fitgpt.train.build import build_training
     from fitgpt.train.measure import Meter
-    from fitgpt.train.parallelize import maybe_compile
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, rt.device)
-    optimizer = model.configure_optimizer(cfg.train.weight_decay, cfg.train.lr,
-                                          (cfg.train.beta1, cfg.train.beta2), rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
-    fwd = maybe_compile(model, cfg.train.compile)
     batches = SyntheticBatches(cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size,
                                cfg.data.seed)
+    tr = build_training(cfg, batches=batches, rt=rt)
+    model, optimizer = tr.model, tr.optimizer
     val = SyntheticVal(cfg.model.vocab_size, 2 * cfg.eval_batch_size, cfg.eval_block_size)
     t = cfg.train
+    step = tr.step
 
-    def step():
-        return train_step(fwd, optimizer, scaler, batches, t.grad_accum, t.grad_clip, rt)
-
-    out: dict[str, Any] = {"flops_per_token": model.flops_per_token(cfg.model.block_size)}
+    out: dict[str, Any] = {"flops_per_token": model.shape.flops_per_token(cfg.model.block_size)}
     for _ in range(max(warmup, 1 if memory or t.compile else 0)):
         step()
     meter = Meter(rt, track_cpu=True)
@@ -153,10 +146,10 @@ def _one_run(cfg: Config, rt, steps: int, warmup: int, memory: bool) -> dict[str
     optimizer.zero_grad(set_to_none=True)
     if memory:
         _, out["eval_peak"], out["eval_reserved"] = meter.measure(
-            lambda: evaluate(fwd, val, cfg.eval_batch_size, rt), model, optimizer, True)
+            lambda: tr.evaluate(val, cfg.eval_batch_size), model, optimizer, True)
     if t.compile:  # compiles the eval graph (the tracker above may have run it eagerly): not timed
-        evaluate(fwd, val, cfg.eval_batch_size, rt)
-    res = evaluate(fwd, val, cfg.eval_batch_size, rt)
+        tr.evaluate(val, cfg.eval_batch_size)
+    res = tr.evaluate(val, cfg.eval_batch_size)
     out["eval_seconds"], out["eval_tokens"], out["eval_loss"] = res.seconds, res.tokens, res.loss
     return out
 
@@ -169,6 +162,35 @@ def _release(rt) -> None:
         torch.cuda.empty_cache()
 
 
+def _row(name: str, cfg: Config, rs: list[dict[str, Any]], tps: list[float], base: list[float],
+         steps: int, rt, tflops: float | None) -> dict[str, Any]:
+    """One variant's row from its runs `rs` (peaks from the first, losses from the last) and
+    its tokens/s per repeat, `tps`, next to the first variant's, `base`."""
+    row: dict[str, Any] = {
+        "variant": name,
+        "loss": cfg.memory.loss,
+        "checkpointing": cfg.memory.checkpointing,
+        "compile": cfg.train.compile,
+        "loss_chunk": cfg.memory.chunk_rows(rt.device_type),
+        "batch_size": cfg.train.batch_size,
+        "tokens_per_s": statistics.median(tps),
+        "ms_per_step": statistics.median(1000 * x["seconds"] / steps for x in rs),
+        "tokens_per_s_repeats": tps,
+        "mfu": None,
+        "train_peak": rs[0].get("train_peak"),
+        "eval_peak": rs[0].get("eval_peak"),
+        "train_reserved": rs[0].get("train_reserved"),
+        "eval_reserved": rs[0].get("eval_reserved"),
+        "eval_tokens_per_s": statistics.median(x["eval_tokens"] / x["eval_seconds"] for x in rs),
+        "speed_ratio": statistics.median(a / b for a, b in zip(tps, base)),
+        "train_loss": rs[-1]["loss"],
+        "eval_loss": rs[-1]["eval_loss"],
+    }
+    if tflops:
+        row["mfu"] = row["tokens_per_s"] * rs[0]["flops_per_token"] / (tflops * 1e12)
+    return row
+
+
 def run_bench(cfg: Config, variants: list[Variant], steps: int = 5, warmup: int = 1,
               repeats: int = 3, progress=None) -> dict[str, Any]:
     """Time every variant `repeats` times (order alternating) and return the result as plain
@@ -176,11 +198,12 @@ def run_bench(cfg: Config, variants: list[Variant], steps: int = 5, warmup: int 
     when given, is called before each run."""
     import torch
 
-    from fitgpt.model.runtime import resolve_runtime
+    from fitgpt.model.runtime import enable_tf32, resolve_runtime
 
     if steps < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("--steps and --repeats must be >= 1, --warmup >= 0")
     rt = resolve_runtime(cfg.train.device, cfg.train.dtype)
+    enable_tf32(rt)
     tflops, device_name = _peak_tflops(rt)
     cfgs = {v.name: v.apply(cfg) for v in variants}
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
@@ -191,36 +214,13 @@ def run_bench(cfg: Config, variants: list[Variant], steps: int = 5, warmup: int 
                 progress(f"repeat {r + 1}/{repeats}: {v.name}")
             runs[v.name].append(_one_run(cfgs[v.name], rt, steps, warmup, memory=r == 0))
             _release(rt)
+
     def speeds(name: str) -> list[float]:
         return [steps * cfgs[name].tokens_per_step / x["seconds"] for x in runs[name]]
 
-    rows = []
-    for v in variants:
-        rs = runs[v.name]
-        tps, base = speeds(v.name), speeds(variants[0].name)
-        row: dict[str, Any] = {
-            "variant": v.name,
-            "loss": cfgs[v.name].memory.loss,
-            "checkpointing": cfgs[v.name].memory.checkpointing,
-            "compile": cfgs[v.name].train.compile,
-            "loss_chunk": cfgs[v.name].memory.chunk_rows(rt.device_type),
-            "batch_size": cfgs[v.name].train.batch_size,
-            "tokens_per_s": statistics.median(tps),
-            "ms_per_step": statistics.median(1000 * x["seconds"] / steps for x in rs),
-            "tokens_per_s_repeats": tps,
-            "mfu": None,
-            "train_peak": rs[0].get("train_peak"),
-            "eval_peak": rs[0].get("eval_peak"),
-            "train_reserved": rs[0].get("train_reserved"),
-            "eval_reserved": rs[0].get("eval_reserved"),
-            "eval_tokens_per_s": statistics.median(x["eval_tokens"] / x["eval_seconds"] for x in rs),
-            "speed_ratio": statistics.median(a / b for a, b in zip(tps, base)),
-            "train_loss": rs[-1]["loss"],
-            "eval_loss": rs[-1]["eval_loss"],
-        }
-        if tflops:
-            row["mfu"] = row["tokens_per_s"] * rs[0]["flops_per_token"] / (tflops * 1e12)
-        rows.append(row)
+    base = speeds(variants[0].name)
+    rows = [_row(v.name, cfgs[v.name], runs[v.name], speeds(v.name), base, steps, rt, tflops)
+            for v in variants]
     for row in rows:
         for ph in ("train", "eval"):
             p, b = row[f"{ph}_peak"], rows[0][f"{ph}_peak"]
@@ -231,7 +231,7 @@ def run_bench(cfg: Config, variants: list[Variant], steps: int = 5, warmup: int 
         "device": str(rt.device), "device_name": device_name, "peak_tflops": tflops,
         "dtype": str(rt.dtype).replace("torch.", ""), "config": cfg.name,
         "shape": {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd,
-                  "block_size": m.block_size, "vocab": cfg.padded_vocab},
+                  "block_size": m.block_size, "vocab": ModelShape.of(m).padded_vocab},
         "batch_size": t.batch_size, "grad_accum": t.grad_accum, "tokens_per_step": cfg.tokens_per_step,
         "eval_batch_size": cfg.eval_batch_size, "eval_block_size": cfg.eval_block_size,
         "loss_chunk": cfg.memory.chunk_rows(rt.device_type), "steps": steps, "warmup": warmup, "repeats": repeats,
@@ -339,7 +339,7 @@ def cli(args: list[str]) -> int:
     import shlex
     import sys
 
-    from fitgpt.cli.main import split_args
+    from fitgpt.config.cmdline import split_args
     from fitgpt.config.load import load_config
     from fitgpt.console import console, say
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -22,14 +22,19 @@ import torch.distributed as dist
 from fitgpt.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class World:
+    """This process's place among the processes of a run, made once (`world_from_env`, then
+    `init`) and passed to what needs it, instead of each module reading the environment."""
+
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    device: str | None = None  # this process's device (set by `init`); None: the config's train.device
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs, writes the run folder and saves checkpoints."""
         return self.rank == 0
 
     @property
@@ -38,15 +43,17 @@ class World:
 
 
 def world_from_env() -> World:
+    """torchrun's RANK, LOCAL_RANK and WORLD_SIZE (one process without them)."""
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                  int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def init(device: str, backend: str = "auto") -> tuple[World, str]:
-    """Join the process group torchrun describes; returns the world and this rank's device."""
-    world = world_from_env()
+def init(device: str, backend: str = "auto", world: World | None = None) -> World:
+    """Join the process group torchrun describes (world: `world_from_env()` when not given);
+    returns the world with this process's device."""
+    world = world if world is not None else world_from_env()
     if not world.active:
-        return world, device
+        return replace(world, device=device)
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         n = torch.cuda.device_count()
@@ -67,7 +74,7 @@ def init(device: str, backend: str = "auto") -> tuple[World, str]:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return world, device
+    return replace(world, device=device)
 
 
 def shutdown() -> None:
@@ -163,6 +170,17 @@ def full_model_state(model: torch.nn.Module, fsdp: bool) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def load_full_model_state(model: torch.nn.Module, state: dict, fsdp: bool) -> None:
+    """Load a whole model's state dict (as `full_model_state` gathers it) into the plain model,
+    or, under FSDP, into this process's shards of it."""
+    if not fsdp:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
 def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
     """AdamW's state keyed by parameter name, whole (gathered under FSDP: a collective), so
     that a run saved in one mode or world size resumes in another."""
@@ -198,7 +216,7 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 def broadcast_object(obj, world: World):
     if not world.active:
         return obj
-    box = [obj if world.main else None]
+    box = [obj if world.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
