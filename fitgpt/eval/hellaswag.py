@@ -119,7 +119,7 @@ def ending_losses(model, rows: list[tuple[list[int], int]], budget: int, rt) -> 
             h = model.hidden(x)  # (rows, T, C)
             for r, i in enumerate(idx):
                 out[i] = float(chunked_cross_entropy(h[r], model.lm_head.weight, y[r],
-                                                     model.loss_chunk, "sum"))
+                                                     model.loss.chunk_rows, "sum"))
     return out
 
 
@@ -153,7 +153,7 @@ def eval_hellaswag(where: str, file: str, overrides: list[str]) -> dict:
     from fitgpt.console import say
     from fitgpt.data.tokenizer import N_VOCAB, gpt2_encoding
     from fitgpt.errors import FitError
-    from fitgpt.store.resume import load_model
+    from fitgpt.store.load import load_model
 
     examples = read_examples(Path(file))
     notes: list[str] = []
