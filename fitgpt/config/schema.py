@@ -177,6 +177,16 @@ class MemoryConfig:
     """Rows (tokens) per chunk of the chunked loss; 0: automatic, 256 on a CPU and 2048 on a GPU."""
     checkpointing: bool = False
     """Activation checkpointing per block: recompute activations in backward (less memory, ~25% slower)."""
+    checkpoint_every: Annotated[int, POSITIVE] = 1
+    """With checkpointing: checkpoint every this-many-th block (1: every block, 2: every other one)."""
+    activation_offload: bool = False
+    """CUDA: keep the activations saved for backward in pinned host memory instead of on the card."""
+    optimizer_state: Literal["fp32", "8bit"] = "fp32"
+    """AdamW's two moments: fp32 (8 B per parameter) or 8bit (block-wise quantised; small tensors stay fp32)."""
+    offload_optimizer: bool = False
+    """CUDA: keep AdamW's state and fp32 master weights in host memory; the optimizer step runs on the CPU."""
+    fused_backward: bool = False
+    """Update each parameter inside backward as soon as its gradient is ready, then free the gradient."""
     budget: str | None = None
     """Memory the run may use, e.g. 12GB or 11.5GiB (default: the whole device)."""
     fit: Literal["off", "auto"] = "off"
