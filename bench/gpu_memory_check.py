@@ -12,6 +12,8 @@ predicted and measured peak allocated and reserved bytes of each phase, or OOM. 
 the seed's: 12 layers, 12 heads, n_embd 576, block 1024, vocab 50304, float16.
 
 `--dry-run` prints the grid and the predictions without torch (works on any machine).
+The rows with activation offload also pin host memory for the saved activations (about
+12 x 38 x 16 x 1024 x 576 B = 4.3 GB at batch 16, each copy rounded up to a power of two).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from fitgpt.planner.estimate import estimate
 
 CAP = 12 * 2**30
 
-# (name, loss, checkpointing, batch, eval batch, eval block)
-GRID: list[tuple[str, str, bool, int, int, int]] = [
+# (name, loss, checkpointing, batch, eval batch, eval block[, {memory field: value}])
+GRID: list[tuple] = [
     ("seed as written (eval at batch 16)", "full", False, 16, 16, 1024),
     ("seed, eval batch 4", "full", False, 16, 4, 1024),
     ("full + checkpointing", "full", True, 16, 4, 1024),
@@ -44,17 +46,37 @@ GRID: list[tuple[str, str, bool, int, int, int]] = [
     ("chunked, batch 4, eval 4 x 512", "chunked", False, 4, 4, 512),
     ("chunked + checkpointing, batch 4", "chunked", True, 4, 4, 1024),
     ("full + checkpointing, eval 16 x 512", "full", True, 16, 16, 512),
+    # activation levers (issue 15): a trailing dict sets memory.* fields
+    ("chunked + every 2nd block checkpointed", "chunked", True, 16, 16, 1024,
+     {"checkpoint_every": 2}),
+    ("full + every 3rd block checkpointed, batch 8", "full", True, 8, 4, 1024,
+     {"checkpoint_every": 3}),
+    ("chunked + activation offload", "chunked", False, 16, 16, 1024, {"activation_offload": True}),
+    ("chunked + every 2nd checkpointed, rest offloaded", "chunked", True, 16, 16, 1024,
+     {"checkpoint_every": 2, "activation_offload": True}),
+    ("chunked + activation offload, batch 4", "chunked", False, 4, 4, 1024,
+     {"activation_offload": True}),
+    # optimizer-state levers (issue 15); a dotted key sets another section's field
+    ("chunked + 8-bit AdamW state", "chunked", False, 16, 16, 1024, {"optimizer_state": "8bit"}),
+    ("full + 8-bit AdamW state, batch 8", "full", False, 8, 4, 1024, {"optimizer_state": "8bit"}),
+    ("chunked + optimizer offloaded (bfloat16)", "chunked", False, 16, 16, 1024,
+     {"offload_optimizer": True, "train.dtype": "bfloat16"}),
+    ("chunked + optimizer offloaded, 8-bit host state", "chunked", True, 16, 16, 1024,
+     {"offload_optimizer": True, "optimizer_state": "8bit", "train.dtype": "bfloat16"}),
 ]
 
 
 def seed_config(loss: str, ckpt: bool, batch: int, eval_batch: int, eval_block: int,
-                device: str = "cuda", dtype: str = "float16") -> Config:
+                memory: dict | None = None, device: str = "cuda", dtype: str = "float16") -> Config:
     cfg = Config(name="seed-77m")
     m, t, e, mem = cfg.model, cfg.train, cfg.eval, cfg.memory
     m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size = 12, 12, 576, 1024, 50304
     t.batch_size, t.grad_accum, t.device, t.dtype = batch, 512 // batch, device, dtype
     e.batch_size, e.block_size = eval_batch, eval_block
     mem.loss, mem.checkpointing = loss, ckpt
+    for name, value in (memory or {}).items():
+        sec, _, key = name.rpartition(".")
+        setattr(getattr(cfg, sec) if sec else mem, key, value)
     return cfg
 
 
@@ -87,8 +109,11 @@ def predictions(dtype: str, gpu=None) -> list[dict[str, Any]]:
     unknown, the larger size)."""
     rows = []
     for name, *setting in GRID:
-        est = estimate(seed_config(*setting, dtype=dtype), "cuda", dtype, gpu)
+        cfg = seed_config(*setting, dtype=dtype)  # a row may set its own dtype (offload: bfloat16)
+        est = estimate(cfg, "cuda", cfg.train.dtype, gpu)
         row = {"name": name, "setting": setting}
+        if est.host:  # the offloaded optimizer's host memory (predicted only: not measured here)
+            row["predicted_host"] = est.host_total
         for ph in ("train", "eval"):
             pe = getattr(est, ph)
             context = sum(p.bytes for p in pe.overhead if "context" in p.name.lower())

@@ -4,6 +4,7 @@ the tokens per optimizer step, `fitgpt plan` output (tables, JSON, nanoGPT files
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -307,7 +308,10 @@ def test_gpu_session_script_dry_run(tmp_path):
     log = (tmp_path / "gpu_session.log").read_text()
     for name in ("memory", "seed", "speed"):
         assert f"## {name}: rc 0 in" in log, log[-2000:]
-    assert "12 configurations; predictions for CUDA float16" in log
+    spec = importlib.util.spec_from_file_location("gpu_memory_check", ROOT / "bench" / "gpu_memory_check.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    assert f"{len(grid.GRID)} configurations; predictions for CUDA float16" in log
     assert "seed, full logits, batches predicted to fit 12 GiB: 8 (" in log
 
 

@@ -17,7 +17,8 @@ is allocated, and compares it with a card. Nothing is imported from torch (unles
   --gpu NAME_OR_SIZE  the card: a name (rtx4070, 'RTX 4090', 4060ti-16gb, a100-80gb, h100, l4,
                       t4, ...) or a size (12GB, 11.5GiB, 8000MB). Default: the card nvidia-smi
                       lists, if any. --memory.budget=SIZE, when given, is the limit instead.
-  --fit               also show what --memory.fit=auto would pick (fastest setting that fits)
+  --fit               also show what --memory.fit=auto would pick (fastest setting that fits;
+                      memory levers only when nothing else does, host memory shown apart)
   --json              print the same information as JSON
   --verify            run 3 training steps and one evaluation on this machine's device with
                       synthetic tokens, and print predicted against measured memory

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fitgpt.config import schema as config_module
+from fitgpt.config.levers import activation_refusal, fused_backward_refusal, optimizer_refusal
 from fitgpt.config.names import check_name
 from fitgpt.config.pyfile import (  # noqa: F401 - re-exported: nanoGPT files are part of loading
     GPT2_SHAPES,
@@ -45,6 +46,9 @@ else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
     import tomli as tomllib
 
 BUILTIN_DIR = Path(__file__).parent.parent / "configs"
+# The released GPT-2 sizes also by the names OpenAI, Hugging Face and nanoGPT's init_from use.
+BUILTIN_ALIASES = {"gpt2": "gpt2-124m", "gpt2-medium": "gpt2-350m", "gpt2-large": "gpt2-774m",
+                   "gpt2-xl": "gpt2-1558m"}
 
 
 # ----------------------------------------------------------------------------- field metadata
@@ -225,10 +229,11 @@ def set_value(cfg: Config, key: str, value: Any, *, where: str, from_text: bool,
 
 
 def resolve_path(spec: str) -> Path:
-    """A config file path, or the name of a built-in config (`demo`, `gpt2-124m`)."""
+    """A config file path, or the name of a built-in config (`demo`, `gpt2-124m`, `gpt2-xl`)."""
     p = Path(spec)
     if p.is_file():
         return p
+    spec = BUILTIN_ALIASES.get(spec, spec)
     for cand in (BUILTIN_DIR / f"{spec}.toml", BUILTIN_DIR / f"{spec}.py", BUILTIN_DIR / spec):
         if cand.is_file():
             return cand
@@ -414,9 +419,10 @@ def check(cfg: Config) -> None:
         parse_size(mem.budget)
     if log.run_name is not None:  # a folder name under out_dir, never a path out of it
         check_name("log.run_name", log.run_name)
+    why = fused_backward_refusal(cfg) or optimizer_refusal(cfg) or activation_refusal(cfg)
+    if why:
+        raise ConfigError(why)
 
-
-# ----------------------------------------------------------------------------- output
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"name": cfg.name}

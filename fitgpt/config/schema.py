@@ -178,19 +178,19 @@ class MemoryConfig:
     checkpointing: bool = False
     """Activation checkpointing per block: recompute activations in backward (less memory, ~25% slower)."""
     checkpoint_every: Annotated[int, POSITIVE] = 1
-    """With checkpointing: checkpoint every this-many-th block (1: every block, 2: every other one)."""
+    """With checkpointing, k: checkpoint blocks 0, k, 2k, ... (1: every block, 2: every other one)."""
     activation_offload: bool = False
-    """CUDA: keep the activations saved for backward in pinned host memory instead of on the card."""
+    """CUDA: keep what the blocks not checkpointed save for backward (tensors >= 1 MiB) in pinned host memory."""
     optimizer_state: Literal["fp32", "8bit"] = "fp32"
-    """AdamW's two moments: fp32 (8 B per parameter) or 8bit (block-wise quantised; small tensors stay fp32)."""
+    """AdamW's two moments: fp32 (8 B per parameter) or 8bit (bitsandbytes, block-wise, ~2 B; small tensors fp32)."""
     offload_optimizer: bool = False
-    """CUDA: keep AdamW's state and fp32 master weights in host memory; the optimizer step runs on the CPU."""
+    """CUDA, bfloat16, 1 process: AdamW state, fp32 master weights and the step on the host; 16-bit on the card."""
     fused_backward: bool = False
     """Update each parameter inside backward as soon as its gradient is ready, then free the gradient."""
     budget: str | None = None
     """Memory the run may use, e.g. 12GB or 11.5GiB (default: the whole device)."""
     fit: Literal["off", "auto"] = "off"
-    """off, or auto: pick micro-batch, accumulation, checkpointing and eval batch to fit budget."""
+    """off, or auto: pick micro-batch, accumulation, checkpointing, eval batch (then levers) to fit budget."""
     headroom: Annotated[float, Range(0, 0.9, hi_open=True)] = 0.1
     """Fraction of the budget kept free for the allocator and the unexpected."""
     micro_split: Annotated[int, POSITIVE] = 1

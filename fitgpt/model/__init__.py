@@ -1,8 +1,8 @@
 """The GPT-2 model, and the facts about its shape that everyone else computes from.
 
 Owns: the model read top to bottom (gpt), cross-entropy without the full logits (loss),
-sampling with a KV cache (generate), activation checkpointing applied from outside the model's
-code (checkpointing), device, dtype, autocast and `build_model` (runtime), and `ModelShape`
+sampling with a KV cache (generate), activation checkpointing and offloading applied from
+outside the model's code (checkpointing, offload), device, dtype, autocast and `build_model` (runtime), and `ModelShape`
 (shape: padded vocabulary, parameter counts, FLOPs per token, per-layer sizes; the one formula
 the planner, the bench, the metrics and `fitgpt runs` share).
 

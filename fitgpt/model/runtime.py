@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from fitgpt.config.levers import activation_refusal
 from fitgpt.config.schema import Config
 from fitgpt.errors import ConfigError
-from fitgpt.model.checkpointing import apply_activation_checkpointing
+from fitgpt.model.checkpointing import apply_activation_checkpointing, apply_activation_offload
 from fitgpt.model.gpt import GPT
 from fitgpt.model.loss import LossSpec
 from fitgpt.model.shape import ModelShape
@@ -110,8 +111,14 @@ def slow_cpu_dtype(device_type: str, dtype: str) -> str | None:
 
 def build_model(cfg: Config, device: torch.device, init: bool = True) -> GPT:
     """Build on the meta device (free), materialise on `device`, initialise (seeded). The
-    `memory` section decides how the model computes its loss (`LossSpec`) and whether its
-    blocks are recomputed in backward (activation checkpointing)."""
+    `memory` section decides how the model computes its loss (`LossSpec`), which of its blocks
+    are recomputed in backward (activation checkpointing, every `checkpoint_every`-th block) and
+    whether the others keep what they save for backward in host memory (activation offload,
+    CUDA only: on another device there is no host memory apart from the device's own)."""
+    mem = cfg.memory
+    why = activation_refusal(cfg, device.type)
+    if why:
+        raise ConfigError(why)
     loss = LossSpec.of(cfg.memory, device.type)
     with torch.device("meta"):
         model = GPT(ModelShape.of(cfg.model), cfg.model.dropout, loss)
@@ -119,8 +126,10 @@ def build_model(cfg: Config, device: torch.device, init: bool = True) -> GPT:
     model.lm_head.weight = model.transformer.wte.weight  # keep the tie explicit after to_empty
     if init:
         model.init_weights(cfg.train.seed)
-    if cfg.memory.checkpointing:
-        apply_activation_checkpointing(model)
+    if mem.checkpointing:
+        apply_activation_checkpointing(model, mem.checkpoint_every)
+    if mem.activation_offload:
+        apply_activation_offload(model)
     return model
 
 

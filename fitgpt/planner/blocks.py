@@ -1,7 +1,6 @@
 """The transformer blocks' part of the planner's timeline: what one block allocates, saves for
-backward and frees, node by node, and how a stack of identical blocks is replayed at a cost
-that does not grow with the number of layers (first and last block one by one, the middle in
-one go: see `fitgpt.planner.timeline`). Pure Python: no torch import.
+backward and frees, node by node (the stack of blocks, replayed at a cost that does not grow
+with the number of layers, is `fitgpt.planner.stack`). Pure Python: no torch import.
 
 What one block does depends on the device and on dropout (see ../shared/notes/memory.md):
 - attention: a fused kernel (flash or memory-efficient) saves its output and a log-sum-exp.
@@ -12,33 +11,83 @@ What one block does depends on the device and on dropout (see ../shared/notes/me
   the softmax, the dropout noise, the dropped attention and v, each (b, heads, s, s) or (b, s, h).
 - dropout on the residual branches and the embeddings: CUDA's fused kernel saves a bool mask
   (1 B per element); the CPU multiplies by a noise tensor of the input's dtype and saves it.
+
+The activation levers (`fitgpt.model.checkpointing`) change what survives the forward pass:
+- checkpointing every k-th block: those blocks run without saving (their input kept) and are
+  replayed with saving in backward, one at a time; the blocks in between save as usual. The
+  stack is then a run of identical periods (one checkpointed block, k - 1 saving ones), each
+  replayed like a run of identical blocks (`fitgpt.planner.stack`).
+- activation offload (CUDA): a saving block's saved tensors of at least OFFLOAD_MIN_BYTES that
+  are not weights leave the device where the forward pass is done with them (where a no-grad
+  forward frees them) and come back, one backward node at a time, where the node runs. Host
+  memory counts each copy rounded up to a power of two (PyTorch's caching host allocator).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from dataclasses import dataclass
 
 from fitgpt.model.shape import ModelShape
-from fitgpt.planner.timeline import Timeline, merge, split
+from fitgpt.planner.timeline import Timeline, r
 
 EXPLICIT_LAYERS = 3  # up to this many blocks are replayed one by one; more: first, middle, last
+OFFLOAD_MIN_BYTES = 2**20  # fitgpt.model.offload.MIN_BYTES: smaller saved tensors stay
 
 
-def layout(L: int) -> list[int]:
-    """How L identical blocks are replayed: one by one, or first, middle (L - 2 at once), last."""
-    return [1] * L if L <= EXPLICIT_LAYERS else [1, L - 2, 1]
+def pow2(n: int) -> int:
+    """n rounded up to a power of two: what the caching host allocator reserves for n bytes."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass
+class Host:
+    """A saved tensor (or `count` alike) waiting in host memory: `nbytes` each."""
+
+    nbytes: int
+    count: int = 1
 
 
 class Blocks:
     """One block's forward and backward on a timeline, for N = b x T rows of width C."""
 
     def __init__(self, tl: Timeline, s: ModelShape, b: int, T: int, a: int, dropout: bool = False,
-                 cpu: bool = False):
+                 cpu: bool = False, offload: bool = False, min_bytes: int | None = None):
         self.tl, self.s, self.b, self.T, self.a = tl, s, b, T, a
         self.N = b * T
         self.dropout = dropout  # dropout > 0 and the model in training mode
         self.cpu = cpu
         self.math = dropout and cpu  # SDPA's math path: the CPU's fused kernel takes no dropout
+        self.offload = offload  # memory.activation_offload: saving blocks offload
+        self.min_bytes = OFFLOAD_MIN_BYTES if min_bytes is None else min_bytes
+        self._offloading = False  # inside a saving block's forward with offload
+        assert not (offload and self.math), "offload is CUDA's; the math path is the CPU's"
+
+    # ------------------------------------------------------------------------- offload
+
+    def done(self, grad: bool, h, nbytes: int, count: int = 1, packs: int = 1):
+        """The forward pass is done with h (`count` tensors of nbytes, each saved `packs` times):
+        without grad it is freed; with grad it stays for backward, or with offload (nbytes at
+        least min_bytes) it leaves the device for host memory. Returns what backward gets."""
+        if not grad:
+            self.tl.free(h)
+            return None
+        if not self._offloading or nbytes < self.min_bytes:
+            return h
+        copies = round(h[1] / r(nbytes))  # count x the repetitions h stands for
+        self.tl.free(h)
+        self.tl.to_host(pow2(nbytes) * copies * packs, nbytes * copies * packs)
+        return Host(nbytes, count)
+
+    def unpack(self, h):
+        """A saved tensor as a backward node gets it: from host memory, a new copy on the device
+        (the node frees it when it ends); otherwise the tensor itself."""
+        if not isinstance(h, Host):
+            return h
+        self.tl.from_host(pow2(h.nbytes) * h.count * self.tl.times)
+        return self.tl.alloc("activations", h.nbytes, h.count)
+
+    def _free(self, *handles) -> None:
+        self.tl.free(*(h for h in handles if h))
 
     def drop(self, src, n: int, e: int, grad: bool):
         """Dropout of src (n elements of e bytes), which it frees: (output, what backward keeps,
@@ -51,55 +100,54 @@ class Blocks:
         else:
             out = tl.alloc(act, n * e)
             mask = tl.alloc(act, n)
-        if not grad:
-            tl.free(mask)
+        mask = self.done(grad, mask, n * e if self.cpu else n)
         tl.free(src)
-        return out, (mask if grad else None)
+        return out, mask
 
     def drop_backward(self, g16, mask):
         """The gradient through a dropout (16-bit like its output), from g16: the incoming
         gradient (already cast to 16 bits when a == 2) or None (fp32: the residual's own)."""
-        tl = self.tl
-        gd = tl.alloc("activations", self.N * self.s.n_embd * self.a)
-        tl.free(*(h for h in (g16, mask) if h))
+        mask = self.unpack(mask)
+        gd = self.tl.alloc("activations", self.N * self.s.n_embd * self.a)
+        self._free(g16, mask)
         return gd
 
     # ------------------------------------------------------------------------- forward
 
-    def forward(self, grad: bool, x_in) -> tuple[dict, list, tuple]:
+    def forward(self, grad: bool, x_in, offload: bool = False) -> tuple[dict, list, tuple]:
         """One block's forward. Returns (what autograd saves, by name; autocast weight copies
         cached in no-grad mode; the output). In no-grad mode only the output and the cache
-        survive."""
+        survive. With offload, what it saves goes to host memory as the forward is done with
+        it (the block input, by the caller, once the block has returned)."""
         tl, s, N, a = self.tl, self.s, self.N, self.a
         C, act, cast = s.n_embd, "activations", "autocast weight copies"
+        self._offloading = offload and grad
         sv: dict = {"x_in": x_in}
         ws: list = []
         # attention half: ln_1 (fp32 out + mean + rstd), qkv matmul, fused attention, projection
         ln = tl.alloc(act, 4 * N * C)
-        sv["ln1_stats"] = [tl.alloc(act, 4 * N), tl.alloc(act, 4 * N)]
-        if not grad:
-            tl.free(*sv["ln1_stats"])
+        stats = [tl.alloc(act, 4 * N), tl.alloc(act, 4 * N)]
+        sv["ln1_stats"] = [self.done(grad, h, 4 * N) for h in stats]
         if a == 2:
             ws.append(tl.alloc(cast, 3 * C * C * a))
             sv["xin"] = tl.alloc(act, N * C * a)  # ln output cast for the matmul
-        else:
-            sv["xin"] = ln
         sv["qkv"] = tl.alloc(act, 3 * N * C * a)
-        if a == 2 and not grad:
-            tl.free(sv["xin"])
+        if a == 2:
+            sv["xin"] = self.done(grad, sv["xin"], N * C * a)
         if self.math:
             proj = self._math_attention(grad, sv, ws)
         else:
             proj = self._fused_attention(grad, sv, ws)
         if a == 2:
             tl.free(ln)  # the fp32 ln output is not saved when a cast copy feeds the matmul
-        elif not grad:
-            tl.free(ln)
+        else:
+            sv["xin"] = self.done(grad, ln, 4 * N * C)
         sv["x_mid"] = tl.alloc(act, 4 * N * C)
         tl.free(proj)
         x_out = self._mlp_forward(grad, sv, ws)
+        sv["x_mid"] = self.done(grad, sv["x_mid"], 4 * N * C)
+        self._offloading = False
         if not grad:
-            tl.free(sv["x_mid"])
             return {}, ws, x_out
         sv["w"] = ws
         return sv, [], x_out
@@ -108,49 +156,52 @@ class Blocks:
         tl, N, C, a = self.tl, self.N, self.s.n_embd, self.a
         act, cast = "activations", "autocast weight copies"
         ln2 = tl.alloc(act, 4 * N * C)
-        sv["ln2_stats"] = [tl.alloc(act, 4 * N), tl.alloc(act, 4 * N)]
-        if not grad:
-            tl.free(*sv["ln2_stats"])
+        stats = [tl.alloc(act, 4 * N), tl.alloc(act, 4 * N)]
+        sv["ln2_stats"] = [self.done(grad, h, 4 * N) for h in stats]
         if a == 2:
             ws.append(tl.alloc(cast, 4 * C * C * a))
             sv["xin2"] = tl.alloc(act, N * C * a)
-        else:
-            sv["xin2"] = ln2
         sv["fc"] = tl.alloc(act, 4 * N * C * a)
-        if a == 2 and not grad:
-            tl.free(sv["xin2"])
+        if a == 2:
+            sv["xin2"] = self.done(grad, sv["xin2"], N * C * a)
         sv["gelu"] = tl.alloc(act, 4 * N * C * a)
-        if not grad:
-            tl.free(sv["fc"])
+        sv["fc"] = self.done(grad, sv["fc"], 4 * N * C * a)
         if a == 2:
             ws.append(tl.alloc(cast, 4 * C * C * a))
         proj2 = tl.alloc(act, N * C * a)
-        if not grad:
-            tl.free(sv["gelu"])
+        sv["gelu"] = self.done(grad, sv["gelu"], 4 * N * C * a)
         if self.dropout:
             proj2, sv["mlp_drop"] = self.drop(proj2, N * C, a, grad)
-        if a == 2 or not grad:
+        if a == 2:
             tl.free(ln2)
+        else:
+            sv["xin2"] = self.done(grad, ln2, 4 * N * C)
         x_out = tl.alloc(act, 4 * N * C)
         tl.free(proj2)
         return x_out
 
     def _fused_attention(self, grad: bool, sv: dict, ws: list):
-        """Flash or memory-efficient SDPA (saves its output and a log-sum-exp; with dropout the
-        kernel draws the mask itself), the projection and its dropout. Returns the branch's
-        output (the residual adds it)."""
+        """Flash or memory-efficient SDPA (saves q, k and v, its output and a log-sum-exp; with
+        dropout the kernel draws the mask itself), the projection (saves the output again) and
+        its dropout. Returns the branch's output (the residual adds it)."""
         tl, N, C, a, act = self.tl, self.N, self.s.n_embd, self.a, "activations"
         sv["out"] = tl.alloc(act, N * C * a)
-        sv["lse"] = tl.alloc(act, 4 * self.b * self.s.n_head * self.T)
-        if not grad:
-            tl.free(sv["qkv"])
+        lse = 4 * self.b * self.s.n_head * self.T
+        sv["lse"] = tl.alloc(act, lse)
+        if self._offloading and not self.cpu and N * C * a >= self.min_bytes:
+            # CUDA copies a strided tensor to the host through a contiguous device copy: q, k, v
+            # and the output are strided views, packed one after another as attention saves them
+            tl.transient(act, N * C * a)
+        sv["qkv"] = self.done(grad, sv["qkv"], N * C * a, count=3)  # q, k, v: views of it
         if a == 2:
             ws.append(tl.alloc("autocast weight copies", C * C * a))
         proj = tl.alloc(act, N * C * a)
         if self.dropout:
             proj, sv["attn_drop"] = self.drop(proj, N * C, a, grad)
-        if not grad:
-            tl.free(sv["out"], sv["lse"])
+        sv["out"] = self.done(grad, sv["out"], N * C * a, packs=2)
+        if isinstance(sv["out"], Host):
+            sv["proj_in"] = sv["out"]  # the projection's own copy
+        sv["lse"] = self.done(grad, sv["lse"], lse)
         return proj
 
     def _math_attention(self, grad: bool, sv: dict, ws: list):
@@ -204,6 +255,8 @@ class Blocks:
 
     # ------------------------------------------------------------------------- backward
 
+    on_grad = None  # memory.fused_backward's last backward: told the elements of each complete gradient
+
     def weight_grad(self, n: int, a: int, grads: list, exist: bool) -> None:
         """A weight's gradient: computed in the compute dtype, cast to fp32, accumulated."""
         tl = self.tl
@@ -221,6 +274,9 @@ class Blocks:
         self.weight_grad(n_weight, a, grads, exist)
         if self.s.bias:
             self.weight_grad(n_bias, 1, grads, exist)
+        if self.on_grad is not None:  # memory.fused_backward: both complete; the bias is updated first
+            for n in ([n_bias] if self.s.bias else []) + [n_weight]:
+                self.on_grad(n)
 
     def ln_backward(self, g_in, stats, x, grads: list, exist: bool):
         """A LayerNorm's backward, in fp32 (a 16-bit incoming gradient is cast first); frees the
@@ -230,29 +286,34 @@ class Blocks:
             g32 = tl.alloc("activations", 4 * N * C)
             tl.free(g_in)
             g_in = g32
+        x, stats = self.unpack(x), [self.unpack(h) for h in stats]
         g_ln = tl.alloc("activations", 4 * N * C)
         self.param_grads(C, C, 1, grads, exist)
         tl.free(g_in, *stats, x)
         return g_ln
 
     def backward(self, sv: dict, g_res, grads: list, exist: bool):
-        """Backward through one block, node by node: each node allocates its outputs, then frees
-        the incoming gradient and what it saved. Returns the gradient of the block input."""
+        """Backward through one block, node by node: each node gets what it saved (`unpack`),
+        allocates its outputs, then frees the incoming gradient and what it saved. Returns the
+        gradient of the block input."""
         tl, N, C, a = self.tl, self.N, self.s.n_embd, self.a
-        act = "activations"
+        act, u = "activations", self.unpack
         w_attn, w_proj, w_fc, w_proj2 = sv["w"] if a == 2 else (None,) * 4
         # MLP projection: grad of the GELU output and of the weight
         g16 = tl.alloc(act, N * C * a) if a == 2 else None
         if "mlp_drop" in sv:
             g16 = self.drop_backward(g16, sv["mlp_drop"])
+        gelu = u(sv["gelu"])
         g_gelu = tl.alloc(act, 4 * N * C * a)
         self.param_grads(4 * C * C, C, a, grads, exist)
-        tl.free(*(h for h in (g16, sv["gelu"], w_proj2) if h))
+        self._free(g16, gelu, w_proj2)
+        fc = u(sv["fc"])
         g_fc = tl.alloc(act, 4 * N * C * a)  # GELU backward
-        tl.free(g_gelu, sv["fc"])
+        tl.free(g_gelu, fc)
+        xin2 = u(sv["xin2"])
         g_in = tl.alloc(act, N * C * a)  # fc backward
         self.param_grads(4 * C * C, 4 * C, a, grads, exist)
-        tl.free(*(h for h in (g_fc, sv["xin2"], w_fc) if h))
+        self._free(g_fc, xin2, w_fc)
         g_ln = self.ln_backward(g_in, sv["ln2_stats"], sv["x_mid"], grads, exist)
         g_mid = tl.alloc(act, 4 * N * C)  # residual add
         tl.free(g_res, g_ln)
@@ -260,19 +321,22 @@ class Blocks:
         g16 = tl.alloc(act, N * C * a) if a == 2 else None
         if "attn_drop" in sv:
             g16 = self.drop_backward(g16, sv["attn_drop"])
+        y = u(sv.get("proj_in"))  # offloaded: the projection's own copy of the attention output
         g_out = tl.alloc(act, N * C * a)
         self.param_grads(C * C, C, a, grads, exist)
-        tl.free(*(h for h in (g16, w_proj) if h))
+        self._free(g16, w_proj, y)
         if self.math:
             g_qkv = self._math_attention_backward(sv, g_out)
         else:
+            saved = [u(sv["qkv"]), u(sv["out"]), u(sv["lse"])]
             dqkv = [tl.alloc(act, N * C * a) for _ in range(3)]
-            tl.free(g_out, sv["qkv"], sv["out"], sv["lse"])
+            tl.free(g_out, *saved)
             g_qkv = tl.alloc(act, 3 * N * C * a)  # concatenated
             tl.free(*dqkv)
+        xin = u(sv["xin"])
         g_in = tl.alloc(act, N * C * a)
         self.param_grads(3 * C * C, 3 * C, a, grads, exist)
-        tl.free(*(h for h in (g_qkv, sv["xin"], w_attn) if h))
+        self._free(g_qkv, xin, w_attn)
         g_ln = self.ln_backward(g_in, sv["ln1_stats"], sv["x_in"], grads, exist)
         g_x = tl.alloc(act, 4 * N * C)
         tl.free(g_mid, g_ln)
@@ -324,57 +388,3 @@ class Blocks:
         g_qkv = tl.alloc(act, 3 * NC * 4)
         tl.free(c2, gk_s, c1)
         return g_qkv
-
-    # ------------------------------------------------------------------------- the stack
-
-    def forward_saving(self, x) -> tuple[list, tuple]:
-        """Every block's forward with autograd saving: ([(saved, how many blocks)], output)."""
-        blocks = []
-        for k in layout(self.s.n_layer):
-            if k == 1:
-                sv, _, out = self.forward(True, x)
-            else:
-                with self.tl.repeated(k):
-                    sv, _, out = self.forward(True, x)
-                out, rest = split(out, k)
-                sv["x_in"] = merge(x, rest)  # the inputs of the k blocks
-            blocks.append((sv, k))
-            x = out
-        return blocks, x
-
-    def forward_no_grad(self, x, keep_inputs: bool) -> tuple[list, list, tuple]:
-        """Every block's forward saving nothing: ([(kept inputs, how many)] when keep_inputs
-        (checkpointing) else [], the autocast weight copies cached, the output). Without
-        keep_inputs each block's input is freed after the block (evaluation)."""
-        kept, cache = [], []
-        for k in layout(self.s.n_layer):
-            if k == 1:
-                _, ws, out = self.forward(False, x)
-                rest = None
-            else:
-                with self.tl.repeated(k):
-                    _, ws, out = self.forward(False, x)
-                out, rest = split(out, k)
-            cache += ws
-            if keep_inputs:
-                kept.append((x if rest is None else merge(x, rest), k))
-            else:
-                self.tl.free(x, *([rest] if rest else []))
-            x = out
-        return kept, cache, x
-
-    def backward_all(self, blocks: list, g_res, grads: list, exist: bool, recompute: bool):
-        """Backward through every block, last first (with recompute, each block's forward is
-        replayed with autograd first, from its kept input). Returns the input's gradient."""
-        for item, k in reversed(blocks):
-            with self.tl.repeated(k) if k > 1 else nullcontext():
-                sv = item
-                if recompute:
-                    sv, _, out = self.forward(True, item)
-                    self.tl.free(out)
-                g = self.backward(sv, g_res, grads, exist)
-            if k > 1:
-                g, rest = split(g, k)
-                self.tl.free(rest)
-            g_res = g
-        return g_res

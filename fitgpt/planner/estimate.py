@@ -3,7 +3,8 @@
 The estimate replays fitgpt's own code paths as a timeline of allocations and frees (every size
 rounded up to 512 bytes, as the CUDA caching allocator and the CPU tracker round): the forward
 pass block by block with what autograd saves, the loss (full or chunked), the backward pass,
-gradient accumulation, gradient clipping and the AdamW step, then evaluation under no_grad.
+gradient accumulation, gradient clipping and the AdamW step (with memory.fused_backward: inside
+the last backward, one parameter at a time, `FusedTimeline`), then evaluation under no_grad.
 The peak of that timeline is the prediction of `torch.cuda.max_memory_allocated` (or of the CPU
 storage tracker); what is alive at the peak, grouped by kind, is the breakdown. On CUDA the
 framework overhead outside PyTorch's accounting is added on top. Pure Python: no torch import.
@@ -19,11 +20,15 @@ no AdamW state and has run no backward (one workspace).
 
 from __future__ import annotations
 
+from fitgpt.config.levers import activation_refusal, optimizer_refusal
 from fitgpt.config.schema import Config
 from fitgpt.console import fmt_bytes
+from fitgpt.errors import ConfigError
 from fitgpt.model.shape import ModelShape
-from fitgpt.planner.blocks import Blocks
+from fitgpt.planner import optstate
+from fitgpt.planner.blocks import OFFLOAD_MIN_BYTES
 from fitgpt.planner.gpus import Gpu, cublas_workspace
+from fitgpt.planner.stack import Stack, runs
 from fitgpt.planner.timeline import Estimate, Part, PhaseEstimate, Timeline, r
 
 CUDA_CONTEXT = 500 * 2**20  # CUDA context + kernels, lazy loading (0.3-0.6 GiB)
@@ -103,10 +108,14 @@ def _backward_full_loss(tl: Timeline, s: ModelShape, N: int, a: int, kept: list)
     return g_h, g_w
 
 
-def _optimizer_state(tl: Timeline, s: ModelShape) -> None:
-    for n, k in s.param_counts().items():
-        tl.alloc("optimizer state", 4 * n, 2 * k)  # exp_avg, exp_avg_sq
-        tl.alloc("optimizer state", 4, k)  # step
+def _optimizer_state(tl: Timeline, s: ModelShape, fmt: str) -> None:
+    """AdamW's state in format `fmt` (fitgpt.planner.optstate): per tensor, then shared."""
+    counts = s.param_counts()
+    for n, k in counts.items():
+        for nbytes in optstate.tensor_state(n, fmt):  # fp32: exp_avg, exp_avg_sq, step
+            tl.alloc("optimizer state", nbytes, k)
+    for nbytes in optstate.shared_state(counts, fmt):  # 8bit: the two quantisation maps
+        tl.alloc("optimizer state", nbytes)
 
 
 def _weights(tl: Timeline, s: ModelShape) -> None:
@@ -114,11 +123,14 @@ def _weights(tl: Timeline, s: ModelShape) -> None:
         tl.alloc("weights", 4 * n, k)
 
 
-def _adamw_loop_temporaries(s: ModelShape) -> int:
+def _adamw_loop_temporaries(s: ModelShape, fmt: str = "fp32") -> int:
     """The CPU's per-tensor AdamW loop: each parameter's update computes sqrt(exp_avg_sq) and
     the denominator, while the previous parameter's denominator (the loop's `denom`) is still
     alive. The most alive at once, over the matrices' group in order: wte, wpe, then per block
-    qkv, attention projection, MLP up, MLP down (the LayerNorm and bias group is smaller)."""
+    qkv, attention projection, MLP up, MLP down (the LayerNorm and bias group is smaller).
+    The 8-bit format frees each tensor's temporaries before the next (optstate)."""
+    if fmt == "8bit":
+        return optstate.cpu_step_temporaries(s.param_counts(), fmt, r)
     C = s.n_embd
     order = [s.padded_vocab * C, s.block_size * C] + s.block_matrices() * min(s.n_layer, 2)
     most = 2 * r(4 * order[0])
@@ -147,11 +159,15 @@ def _parallel(cfg: Config, a: int) -> tuple[int, str, dict[str, float]]:
                          "gradients": 1 / world, "autocast weight copies": 0 if a == 2 else 1}
 
 
-def _model_state(tl: Timeline, s: ModelShape, mode: str, optimizer: bool) -> None:
-    """Weights, AdamW state (not in an eval-only run) and DDP's gradient buckets."""
+def _model_state(tl: Timeline, s: ModelShape, mode: str, optimizer: bool, mem=None) -> None:
+    """Weights, AdamW state (not in an eval-only run) and DDP's gradient buckets. With
+    memory.offload_optimizer the card holds bfloat16 weights and gradients (the timeline's
+    scale from here on) and no AdamW state: that is host memory (`optstate.host_parts`)."""
+    offload = mem is not None and mem.offload_optimizer
+    tl.scale.update(optstate.card_scale(offload))
     _weights(tl, s)
-    if optimizer:
-        _optimizer_state(tl, s)
+    if optimizer and not offload:
+        _optimizer_state(tl, s, mem.optimizer_state if mem is not None else "fp32")
     if mode == "ddp":  # gradients live in DDP's buckets (gradient_as_bucket_view)
         tl.alloc("DDP gradient buckets", 4 * s.params())
 
@@ -181,21 +197,53 @@ def _loss_backward(tl: Timeline, s: ModelShape, N: int, a: int, chunked: bool, k
     return g_h, g_w
 
 
-def _micro_step(tl: Timeline, cfg: Config, blk: Blocks, device_type: str, grads: list,
-                have_grads: bool) -> None:
+class FusedTimeline(Timeline):
+    """A timeline for memory.fused_backward (fitgpt.train.fused): in the step's last backward
+    (`armed`) each parameter is updated as soon as its gradient is complete, then the gradient
+    is freed. Autograd runs a parameter's AccumulateGrad node (and so the hook) right after the
+    node that completed the gradient has released what it saved and its incoming gradient, so
+    a gradient reported complete (`grad_done`) is updated at the timeline's next free."""
+
+    def __init__(self, scale: dict[str, float] | None = None, cpu: bool = True):
+        super().__init__(scale)
+        self.cpu = cpu
+        self.armed = False
+        self.pending: list[int] = []
+
+    def grad_done(self, n: int) -> None:
+        """A gradient of n elements is complete (`Blocks.on_grad`): it is updated and freed at
+        the next free."""
+        if self.armed:
+            self.pending.append(n)
+
+    def free(self, *handles) -> None:
+        super().free(*handles)
+        while self.pending:
+            self.update(self.pending.pop(0))
+
+    def update(self, n: int) -> None:
+        """One parameter's update in its hook: the gradient's norm (alive through the update),
+        then AdamW: the CPU's for-loop computes sqrt(exp_avg_sq) and the denominator, one
+        parameter's size each; CUDA's fused kernel needs none, only the found-inf flag and its
+        temporaries. Then the gradient (fp32, n elements) is freed."""
+        self.transient("optimizer step", 4, *((4 * n, 4 * n) if self.cpu else (4, 4)))
+        Timeline.free(self, ("gradients", r(4 * n * self.scale.get("gradients", 1)) * self.times))
+
+
+def _micro_step(tl: Timeline, cfg: Config, blk: Stack, device_type: str, grads: list,
+                have_grads: bool, fused: bool = False) -> None:
     """One micro-batch's forward and backward; gradients land in `grads` (or are added to
-    existing ones when have_grads)."""
+    existing ones when have_grads). fused: the step's last backward under
+    memory.fused_backward (`tl` a FusedTimeline): each gradient is updated and freed as soon as
+    it is complete, so none is left in `grads` when it returns."""
     s, N, T, a = blk.s, blk.N, blk.T, blk.a
-    chunked, ckpt = cfg.memory.loss == "chunked", cfg.memory.checkpointing
+    chunked, mem = cfg.memory.loss == "chunked", cfg.memory
     batch, pos, x = _embed(tl, s, N, T, "batch")
     mask = None
-    if blk.dropout:  # the embeddings' dropout, outside the blocks (and their checkpointing)
+    if blk.dropout:  # the embeddings' dropout, outside the blocks (and their levers)
         x, mask = blk.drop(x, N * s.n_embd, 4, grad=True)
-    cache: list = []
-    if ckpt:  # forward without saving; only each block's input survives
-        blocks, cache, x = blk.forward_no_grad(x, keep_inputs=True)
-    else:
-        blocks, x = blk.forward_saving(x)
+    # checkpointed blocks keep only their input (and cache their autocast weight copies)
+    blocks, cache, x = blk.forward_train(x, runs(s.n_layer, mem.checkpointing, mem.checkpoint_every))
     ln_f = tl.alloc("activations", 4 * N * s.n_embd)
     stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
     kept = _loss(tl, s, N, a, chunked, cfg.memory.chunk_rows(device_type), grad=True,
@@ -203,6 +251,11 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Blocks, device_type: str, grads:
     tl.free(pos, *cache)  # the autocast region ends with the forward
     if a == 2 or chunked:
         tl.free(ln_f)  # only the cast copy (or nothing) was saved by the loss
+    if fused:  # armed with the step's summed loss; 0 x it starts the running sum of squared norms
+        sums = [tl.alloc("optimizer step", 4), tl.alloc("optimizer step", 4)]
+        sq = tl.alloc("optimizer step", 4)
+        tl.free(*sums)
+        tl.armed = True
     # backward: loss, lm_head, ln_f
     g_h, g_w = _loss_backward(tl, s, N, a, chunked, kept)
     if not have_grads:
@@ -211,10 +264,12 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Blocks, device_type: str, grads:
         tl.alloc("gradients", g_w[1])
     g_res = tl.alloc("activations", 4 * N * s.n_embd)  # ln_f backward
     blk.weight_grad(s.n_embd, 1, grads, have_grads)
+    if fused:
+        tl.grad_done(s.n_embd)
     tl.free(g_h, *stats, x)
     if a != 2 and not chunked:
         tl.free(ln_f)
-    g_x = blk.backward_all(blocks, g_res, grads, have_grads, recompute=ckpt)
+    g_x = blk.backward_train(blocks, g_res, grads, have_grads)
     if mask:
         g_d = tl.alloc("activations", 4 * N * s.n_embd)
         tl.free(g_x, mask)
@@ -225,36 +280,54 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Blocks, device_type: str, grads:
         grads.append(tl.alloc("gradients", 4 * s.block_size * s.n_embd))
         grads += [tl.alloc("gradients", 4 * s.n_embd) for _ in range(1 + s.bias)]
     V, C = s.padded_vocab, s.n_embd
+    for n in ([s.block_size * C] + [C] * (1 + s.bias) if fused else []):  # wpe first, then ln_f's
+        tl.update(n)
     tl.transient("gradients", 4 * V * C, 4 * V * C)
     if have_grads:  # the lm_head's share waited in autograd's buffer for the tied embedding's
         tl.free(g_w)
+    if fused:  # the token embedding (and lm_head) last; the norm of them all, the sum freed
+        tl.update(V * C)
+        tl.armed = False
+        tl.alloc("optimizer step", 4)
+        tl.free(sq)
+        grads.clear()
     tl.free(*batch)
 
 
 def train_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) -> Timeline:
     """A steady-state training step: the first two micro-batches (the second adds to every
     gradient the first created), clipping and the AdamW step. `workspace`: the bytes of one
-    cuBLAS workspace (CUDA)."""
+    cuBLAS workspace (CUDA). With memory.fused_backward the AdamW step happens in the last
+    backward instead: the first micro-batch, one in the middle (every gradient alive, as
+    before) and the last, whose backward updates and frees each gradient (FusedTimeline)."""
     s = ModelShape.of(cfg.model)
     split = cfg.memory.micro_split
     b, T = -(-cfg.train.batch_size // split), cfg.model.block_size  # the largest slice
     world, mode, scale = _parallel(cfg, a)
-    tl = Timeline(scale)
+    fused = cfg.memory.fused_backward
+    tl = FusedTimeline(scale, cpu=device_type != "cuda") if fused else Timeline(scale)
     _workspaces(tl, device_type, workspace, 2)  # the forward's thread and autograd's
-    _model_state(tl, s, mode, optimizer=True)
+    _model_state(tl, s, mode, optimizer=True, mem=cfg.memory)
     tl.alloc("batch", 4)  # loss_sum
-    blk = Blocks(tl, s, b, T, a, dropout=cfg.model.dropout > 0, cpu=device_type != "cuda")
+    blk = Stack(tl, s, b, T, a, dropout=cfg.model.dropout > 0, cpu=device_type != "cuda",
+                offload=cfg.memory.activation_offload)
     grads: list = []
-    for micro in range(min(cfg.train.grad_accum // world * split, 2)):
+    if fused:
+        blk.on_grad = tl.grad_done
+    micros = min(cfg.train.grad_accum // world * split, 3 if fused else 2)
+    for micro in range(micros):
         if mode == "fsdp":
             gathered = tl.alloc("FSDP gathered parameters", _gathered(s, a))
-        _micro_step(tl, cfg, blk, device_type, grads, have_grads=micro > 0 or mode == "ddp")
+        _micro_step(tl, cfg, blk, device_type, grads, have_grads=micro > 0 or mode == "ddp",
+                    fused=fused and micro == micros - 1)
         if mode == "fsdp":
             tl.free(gathered)
+    if fused:
+        return tl  # updated in backward
     # clip_grad_norm_: one norm per tensor, stacked
     tl.free(tl.alloc("optimizer step", 4, s.tensors() + 4))
-    if device_type != "cuda":
-        tl.free(tl.alloc("optimizer step", _adamw_loop_temporaries(s)))
+    if device_type != "cuda":  # CUDA's fused kernels (torch's, bitsandbytes') need none; offload: host
+        tl.free(tl.alloc("optimizer step", _adamw_loop_temporaries(s, cfg.memory.optimizer_state)))
     tl.free(*grads)
     return tl
 
@@ -277,12 +350,12 @@ def eval_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) -> 
     tl = Timeline(scale)
     only = cfg.train.eval_only
     _workspaces(tl, device_type, workspace, 1 if only else 2)
-    _model_state(tl, s, mode, optimizer=not only)
+    _model_state(tl, s, mode, optimizer=not only, mem=cfg.memory)
     if mode == "fsdp":
         tl.alloc("FSDP gathered parameters", _gathered(s, a))
     tl.alloc("eval buffers", 8)  # the loss sum
     batch, pos, x = _embed(tl, s, N, T, "eval buffers")
-    _, cached, x = Blocks(tl, s, b, T, a).forward_no_grad(x, keep_inputs=False)
+    cached, x = Stack(tl, s, b, T, a).forward_no_grad(x)
     ln_f = tl.alloc("activations", 4 * N * s.n_embd)
     stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
     tl.free(*stats)
@@ -302,6 +375,12 @@ def _notes(cfg: Config, s: ModelShape, device_type: str, dtype: str, workspace: 
     b, T, C, L, V = cfg.train.batch_size, cfg.model.block_size, s.n_embd, s.n_layer, s.padded_vocab
     eb, eT = eval_rows(cfg), cfg.eval_block_size
     per_block = "checkpointed: block inputs only" if cfg.memory.checkpointing else "saved for backward"
+    k = cfg.memory.checkpoint_every
+    if cfg.memory.checkpointing and k > 1:
+        n = -(-L // k)
+        per_block = f"{n} of {L} blocks checkpointed (every {k}-th: input only), the others saved for backward"
+    if cfg.memory.activation_offload:
+        per_block += f"; saved tensors >= {fmt_bytes(OFFLOAD_MIN_BYTES)} offloaded to host memory"
     if cfg.model.dropout > 0:
         per_block += f", with dropout {cfg.model.dropout:g}'s masks"
     chunk = cfg.memory.chunk_rows(device_type)
@@ -315,6 +394,17 @@ def _notes(cfg: Config, s: ModelShape, device_type: str, dtype: str, workspace: 
         "DDP gradient buckets": "fp32 gradients in DDP's all-reduce buckets: 4 B/param",
         "FSDP gathered parameters": "the root's and two blocks' parameters, gathered (approximate)",
     }
+    fmt, counts = cfg.memory.optimizer_state, s.param_counts()
+    if fmt == "8bit":
+        notes["optimizer state"] = (f"AdamW moments in 8 bits: uint8 codes + an fp32 scale per {optstate.BLOCK} "
+                                    f"(tensors under {optstate.MIN_8BIT} elements: fp32), "
+                                    f"{optstate.bytes_per_param(counts, fmt):.2f} B/param")
+    if cfg.memory.offload_optimizer:
+        notes["weights"] = f"{s.params() / 1e6:.1f}M params x 2 B (bfloat16; fp32 masters in host memory)"
+        notes["gradients"] = "bfloat16: 2 B/param (AdamW steps on the host)"
+    if cfg.memory.fused_backward:  # the last backward updates and frees each gradient in turn
+        notes["gradients"] = "fp32, 4 B/param; in the last backward only those not yet updated"
+        notes["optimizer step"] = "AdamW in backward: one tensor's temporaries and the guard's norms"
     world, mode, _ = _parallel(cfg, 4)
     if mode == "fsdp":
         for k in ("weights", "optimizer state", "gradients"):
@@ -338,16 +428,21 @@ def estimate(cfg: Config, device_type: str = "cuda", dtype: str | None = None,
     """Predicted peak allocated bytes of a training step and an evaluation pass (only the
     evaluation counts for a run with train.eval_only). On CUDA, `gpu` gives the architecture
     that sizes the cuBLAS workspaces (unknown: the larger size)."""
+    if cfg.memory.activation_offload and device_type != "cuda":
+        raise ConfigError(activation_refusal(cfg, device_type) or "activation offload needs CUDA")
     dtype = dtype or cfg.train.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
+    why = optimizer_refusal(cfg, device_type, dtype)  # e.g. offloading the optimizer off CUDA
+    if why:
+        raise ConfigError(why)
     a = 4 if dtype == "float32" else 2
     s = ModelShape.of(cfg.model)
     workspace = cublas_workspace(gpu) if device_type == "cuda" else 0
     tn, en = _notes(cfg, s, device_type, dtype, workspace)
     ttl = train_timeline(cfg, a, device_type, workspace)
     etl = eval_timeline(cfg, a, device_type, workspace)
-    train = PhaseEstimate("train", _parts(ttl, tn), ttl.peak)
+    train = PhaseEstimate("train", _parts(ttl, tn), ttl.peak, host=ttl.host_peak)
     ev = PhaseEstimate("eval", _parts(etl, en), etl.peak)
     if device_type == "cuda":
         for ph in (train, ev):
@@ -356,4 +451,6 @@ def estimate(cfg: Config, device_type: str = "cuda", dtype: str | None = None,
                 Part("fragmentation allowance", int(ph.allocated * FRAGMENTATION),
                      f"{FRAGMENTATION:.0%} of allocated (reserved above allocated)"),
             ]
-    return Estimate(train, ev, device_type, dtype, s.params(), cfg.train.eval_only)
+    host = [Part(*part) for part in optstate.host_parts(s.param_counts(), cfg.memory.optimizer_state)
+            ] if cfg.memory.offload_optimizer else []
+    return Estimate(train, ev, device_type, dtype, s.params(), cfg.train.eval_only, host=host)

@@ -6,9 +6,12 @@ Both search the same settings, each costing nothing in the model's quality:
 - the micro-batch `train.batch_size`, with `train.grad_accum` raised so that batch x accumulation
   (the sequences per optimizer step) stays exactly the same (only its divisors qualify),
 - the evaluation batch (the validation windows stay the same: `eval.tokens` is pinned).
-A smaller model (`model.n_embd` or `model.n_layer`) is proposed only when nothing else fits,
-and marked as changing the model. Candidates are scored by the estimator (`estimate`) and by a
-relative throughput model (`predicted_throughput`). Pure Python: no torch.
+When none of these fits even at its floor, the memory levers come next (8-bit AdamW state,
+offloading to host memory, fused backward, selective checkpointing: `fitgpt.planner.levers`),
+never one the run would refuse. A smaller model (`model.n_embd` or `model.n_layer`) is proposed
+only when nothing else fits, and marked as changing the model. Candidates are scored by the
+estimator (`estimate`) and by the speed model (`fitgpt.planner.speed.predicted_throughput`).
+Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -24,40 +27,9 @@ from fitgpt.errors import ConfigError
 from fitgpt.model.shape import ModelShape
 from fitgpt.planner.estimate import estimate
 from fitgpt.planner.gpus import Gpu
+from fitgpt.planner.levers import LEVER_KEYS, LEVERS, LeverSearch, host_total, is_on, lever_refusal
+from fitgpt.planner.speed import predicted_throughput, speed, utilisation  # noqa: F401 - re-exported
 from fitgpt.planner.timeline import Estimate
-
-SATURATION_TOKENS = 16384  # rows per matmul at which the utilisation model saturates
-CHUNKED_COST = 1.02  # chunked loss: ~2 % slower than the full one (more, smaller kernels)
-
-
-# ----------------------------------------------------------------------------- throughput
-
-def utilisation(tokens_per_micro_batch: int) -> float:
-    """Fraction of the card's peak a micro-batch of this many tokens reaches (a model, not a
-    measurement): min(1, tokens / 16384) ** 0.25. Matmuls with fewer rows than that leave
-    tensor cores idle; the fourth root says the loss is gentle (a micro-batch of 4 x 1024 tokens
-    runs at ~71 %, of 1 x 1024 at 50 %). Kernel-launch and optimizer costs are left out."""
-    return min(1.0, tokens_per_micro_batch / SATURATION_TOKENS) ** 0.25
-
-
-def predicted_throughput(cfg: Config, gpu: Gpu | None = None) -> float:
-    """Idealised training tokens/s: peak FLOP/s x utilisation / FLOPs per token.
-
-    Activation checkpointing recomputes each block's forward (2 of its 6 FLOPs per parameter),
-    so the blocks' share costs 4/3 as much; the lm_head is not recomputed. The chunked loss
-    costs ~2 % more. A card without a TFLOP/s figure counts as 100 TFLOP/s. Only ratios
-    between configurations on the same card mean anything: this is no forecast of a real run.
-    """
-    shape = ModelShape.of(cfg.model)
-    f = shape.flops_per_token()
-    lm_head = shape.lm_head_flops_per_token()
-    blocks = f - lm_head
-    if cfg.memory.checkpointing:
-        blocks = blocks * 4 / 3
-    cost = (blocks + lm_head) * (CHUNKED_COST if cfg.memory.loss == "chunked" else 1.0)
-    tflops = gpu.tflops if gpu is not None and gpu.tflops else 100.0
-    return tflops * 1e12 * utilisation(cfg.train.batch_size * cfg.model.block_size) / cost
-
 
 # ----------------------------------------------------------------------------- candidates
 
@@ -136,6 +108,8 @@ class Search:
         self.cfg, self.limit, self.device_type, self.dtype, self.gpu = cfg, limit, device_type, dtype, gpu
         self.base = predicted_throughput(cfg, gpu)
         self._cache: dict[tuple, tuple[Config, Estimate]] = {}
+        self._refusals: dict[tuple, str | None] = {}
+        self.host_limit: int | None = None  # host bytes the levers may pin (None: no limit)
 
     def run(self, changes: dict[str, object]) -> tuple[Config, Estimate]:
         key = tuple(sorted(changes.items()))
@@ -149,8 +123,10 @@ class Search:
 
     def eval_batch(self, changes: dict[str, object]) -> int | None:
         """The largest eval batch <= the current one whose evaluation fits (None: none does).
-        Only the loss, the model and the eval settings matter for evaluation."""
-        ev = {k: v for k, v in changes.items() if k.startswith(("memory.loss", "model.", "eval."))}
+        Only the loss, the model, the eval settings and the levers that move the model state
+        matter for evaluation."""
+        ev = {k: v for k, v in changes.items()
+              if k.startswith(("memory.loss", "model.", "eval.")) or k in LEVER_KEYS}
 
         def ok(b: int) -> bool:
             return self.limit is None or self.run({**ev, "eval.batch_size": b})[1].eval.total <= self.limit
@@ -175,7 +151,19 @@ class Search:
     def seqs(self) -> int:
         return self.cfg.train.batch_size * self.cfg.train.grad_accum
 
+    def refusal(self, changes: dict[str, object]) -> str | None:
+        """Why a run would refuse this setting, in one line (None: it would run). Only a setting
+        with a lever on can be refused: the cheap settings are valid by construction."""
+        key = tuple(sorted(changes.items()))
+        if key not in self._refusals:
+            new = apply(self.cfg, changes)
+            self._refusals[key] = (lever_refusal(new, self.device_type, self.dtype)
+                                   if any(is_on(new, lv) for lv in LEVERS) else None)
+        return self._refusals[key]
+
     def train_fits(self, changes: dict[str, object]) -> bool:
+        if self.refusal(changes) is not None:
+            return False
         return self.limit is None or self.run(changes)[1].train.total <= self.limit
 
     def proposal(self, changes: dict[str, object], description: str,
@@ -198,8 +186,13 @@ def _describe(cfg: Config, ch: dict[str, object]) -> str:
     parts = []
     if ch.get("memory.loss") == "chunked":
         parts.append("chunked loss")
+    for lv in LEVERS:
+        if lv.key in ch and ch[lv.key] == lv.value:
+            parts.append(lv.name)
     if "memory.checkpointing" in ch:
         parts.append("activation checkpointing" + ("" if ch["memory.checkpointing"] else " off"))
+    if ch.get("memory.checkpoint_every", 1) > 1:
+        parts.append(f"every {ch['memory.checkpoint_every']} blocks")
     if "train.batch_size" in ch:
         parts.append(f"micro-batch {ch['train.batch_size']} x accumulation {ch['train.grad_accum']}")
     if "eval.batch_size" in ch and ch["eval.batch_size"] != cfg.eval_batch_size:
@@ -263,25 +256,42 @@ def proposals(cfg: Config, gpu: Gpu | None, budget_bytes: int, *, device_type: s
     if search.fits(search.run({})[1]):  # it fits already: only what the spare memory buys
         keep = [p for p in keep if p.fits and p.throughput > 1 + 1e-6]
     elif not any(p.fits for p in keep):
-        keep += _smaller_models(search)
+        levers: dict[str, object] = {}
+        if not cfg.train.eval_only:  # the model state is what is left: the levers shrink it
+            base = {"memory.loss": "chunked"} if cfg.memory.loss == "full" else {}
+            ls = LeverSearch(search, base)
+            keep += ls.proposals(_describe)
+            levers = ls.settings(ls.candidates()[0])
+        if not any(p.fits for p in keep):
+            keep += _smaller_models(search, levers)
     return sorted(keep, key=lambda p: (not p.fits, -p.throughput if p.fits else p.peak))
 
 
-def _smaller_models(search: Search) -> list[Proposal]:
+def _smaller_models(search: Search, levers: dict[str, object] | None = None) -> list[Proposal]:
     """Last resort: the widest narrower model and the deepest shallower one that fit with every
-    memory option on (chunked loss, checkpointing, micro-batch 1, eval batch 1)."""
+    memory option on (chunked loss, checkpointing, micro-batch 1, eval batch 1) and the memory
+    levers in `levers` (settings, e.g. the floor of every lever that applies)."""
     m = search.cfg.model
     floor = {"memory.loss": "chunked", "memory.checkpointing": True, **search.micro(1),
-             "eval.batch_size": 1}
+             "eval.batch_size": 1, **(levers or {})}
+    names = [lv.name for lv in LEVERS if floor.get(lv.key) == lv.value]
+    with_what = "every memory option" + (f" and {', '.join(names)}" if names else "")
+
+    def ok(ch: dict[str, object]) -> bool:
+        if search.refusal(ch) is not None:
+            return False
+        est = search.run(ch)[1]
+        return search.fits(est) and (search.host_limit is None or est.host_total <= search.host_limit)
+
     out = []
     step = 8 * m.n_head // math.gcd(8, m.n_head)  # widths divisible by 8 and by the heads
     widths = range(step, m.n_embd, step)
     for key, values in (("model.n_embd", widths), ("model.n_layer", range(1, m.n_layer))):
-        v = last_true(values, lambda v, key=key: search.fits(search.run({**floor, key: v})[1]))
+        v = last_true(values, lambda v, key=key: ok({**floor, key: v}))
         if v is not None:
             name = key.split(".")[1]
             out.append(search.proposal({**floor, key: v}, f"smaller model (changes the model): "
-                                       f"{name} {getattr(m, name)} -> {v}, with every memory option",
+                                       f"{name} {getattr(m, name)} -> {v}, with {with_what}",
                                        changes_model=True))
     return out
 
@@ -299,19 +309,25 @@ def resolve_dtype(cfg: Config, device_type: str, gpu: Gpu | None) -> str:
 # ----------------------------------------------------------------------------- auto-fit
 
 def auto_fit(cfg: Config, budget_bytes: int, headroom: float, *, device_type: str = "cuda",
-             dtype: str | None = None, gpu: Gpu | None = None) -> tuple[Config, list[str]]:
+             dtype: str | None = None, gpu: Gpu | None = None,
+             host_bytes: int | None = None,
+             levers: Sequence[str] | None = None) -> tuple[Config, list[str]]:
     """The fastest configuration whose training and evaluation both fit budget x (1 - headroom).
 
     Searched: micro-batch (divisors of batch x accumulation, accumulation compensating, so the
     tokens per optimizer step do not change), checkpointing on or off, and the largest eval
     batch that fits. The loss is always chunked: its ~2 % cost buys a peak that does not grow
-    with the vocabulary. Ties go to the smaller change. Returns the new config and one line per
-    change saying why. Raises ConfigError (with the planner's best suggestion) when nothing
-    fits even at micro-batch 1 with checkpointing and eval batch 1.
+    with the vocabulary. Ties go to the smaller change. Only when none of that fits are memory
+    levers added (`fitgpt.planner.levers`: the fewest that fit, the fastest of those, each
+    with the memory that was still missing), never one the run would refuse, never more host
+    memory than host_bytes (None: no host limit), only those in `levers` (keys; None: all).
+    Returns the new config and one line per change saying why. Raises ConfigError (with the
+    planner's best suggestion) when nothing fits whatever the levers.
     """
     limit = int(budget_bytes * (1 - headroom))
     dtype = dtype or resolve_dtype(cfg, device_type, gpu)
     search = Search(cfg, limit, device_type, dtype, gpu)
+    search.host_limit = host_bytes
     t = cfg.train
     base = {"memory.loss": "chunked"} if cfg.memory.loss != "chunked" else {}
     eb = search.eval_batch(base)  # evaluation does not depend on the training settings
@@ -332,6 +348,12 @@ def auto_fit(cfg: Config, budget_bytes: int, headroom: float, *, device_type: st
                 best, best_key = ch, key
     where = f"{fmt_bytes(limit)} ({fmt_bytes(budget_bytes)} budget minus {headroom:.0%} headroom)"
     orig = search.run({})[1]
+    lever_lines: list[str] = []
+    if best is None and not cfg.train.eval_only:
+        found = LeverSearch(search, base, levers).choose()
+        best, lever_lines = found.changes, found.lines
+        if best is None:
+            raise ConfigError(_cannot_fit(search, found, where, host_bytes))
     if best is None:
         sugg = proposals(cfg, gpu, limit, device_type=device_type, dtype=dtype)
         hint = ""
@@ -341,12 +363,16 @@ def auto_fit(cfg: Config, budget_bytes: int, headroom: float, *, device_type: st
         raise ConfigError(f"memory.fit=auto: nothing fits in {where}, not even micro-batch 1 "
                           f"with activation checkpointing and eval batch 1{hint}")
     new, est = search.run(best)
-    return new, _lines(cfg, new, orig, est, limit, where, search)
+    lines = _lines(cfg, new, orig, est, limit, where, search, levers=bool(lever_lines))
+    if lever_lines:
+        lines = lever_lines + lines + [_speed_line(cfg, new, est, search)]
+    return new, lines
 
 
 def _lines(cfg: Config, new: Config, orig: Estimate, est: Estimate, limit: int, where: str,
-           search: Search) -> list[str]:
-    """Human lines: each change and why, then the result."""
+           search: Search, levers: bool = False) -> list[str]:
+    """Human lines: each change and why, then the result (levers: the lever lines come before
+    these, so there is something to change)."""
     too_big = {ph: getattr(orig, ph).total > limit for ph in ("train", "eval")}
     too_big["train"] = too_big["train"] and not cfg.train.eval_only
     why_train = (f"training peak {fmt_bytes(orig.train.total)} > {fmt_bytes(limit)} budget"
@@ -361,6 +387,11 @@ def _lines(cfg: Config, new: Config, orig: Estimate, est: Estimate, limit: int, 
     if new.memory.checkpointing != cfg.memory.checkpointing:
         lines.append(f"memory.checkpointing {_fmt_value(cfg.memory.checkpointing)} -> "
                      f"{_fmt_value(new.memory.checkpointing)}: {why_train}")
+    if new.memory.checkpointing and new.memory.checkpoint_every != cfg.memory.checkpoint_every:
+        k = new.memory.checkpoint_every
+        lines.append(f"memory.checkpoint_every {cfg.memory.checkpoint_every} -> {k}: "
+                     + ("every block checkpointed, the only degree that fits" if k == 1 else
+                        f"only every {k}th block recomputed, the fastest degree that fits"))
     if new.train.batch_size != cfg.train.batch_size:
         lines.append(f"train.batch_size {cfg.train.batch_size} -> {new.train.batch_size}, "
                      f"train.grad_accum {cfg.train.grad_accum} -> {new.train.grad_accum}: "
@@ -371,10 +402,62 @@ def _lines(cfg: Config, new: Config, orig: Estimate, est: Estimate, limit: int, 
     if new.eval.tokens != cfg.eval.tokens:
         lines.append(f"eval.tokens set to {new.eval.tokens:,}: the same validation windows as "
                      f"before (they were eval.iters x train.batch_size)")
-    if not lines:
+    if not lines and not levers:
         lines.append(f"nothing to change: training {fmt_bytes(orig.train.total)} and evaluation "
                      f"{fmt_bytes(orig.eval.total)} fit {where}")
     else:
         lines.append(f"predicted peak now: training {fmt_bytes(est.train.total)}, evaluation "
                      f"{fmt_bytes(est.eval.total)}, within {where}")
     return lines
+
+
+def _speed_line(cfg: Config, new: Config, est: Estimate, search: Search) -> str:
+    """The predicted speed of what auto-fit chose, and where its step time goes."""
+    sp = speed(new, search.gpu)
+    parts = [f"arithmetic {sp.compute_s:.1f} s"]
+    if sp.transfer_s:
+        parts.append(f"activation copies not hidden {sp.transfer_s:.1f} s")
+    if sp.host_s:
+        parts.append(f"CPU AdamW step and its copies {sp.host_s:.1f} s")
+    host = host_total(est)
+    world = max(1, new.parallel.nproc)
+    tokens = f"{new.tokens_per_step // world:,} tokens" + (" per process" if world > 1 else "")
+    return (f"predicted speed: {sp.tokens_per_s:,.0f} tokens/s idealised, "
+            f"x{sp.tokens_per_s / search.base:.2f} of the settings as given; a step of {tokens} is "
+            + " + ".join(parts) + (f"; host memory {fmt_bytes(host)}" if host else ""))
+
+
+MODEL_STATE_SKIP = ("activations", "logits and loss", "batch", "eval buffers", "cuBLAS workspaces",
+                    "optimizer step")
+
+
+def model_state_bytes(est: Estimate) -> int:
+    """What the card holds for the model itself in the training phase: weights, gradients,
+    optimizer state, their 16-bit copies (every part but activations, loss, batch, workspaces
+    and the optimizer step's temporaries)."""
+    return sum(p.bytes for p in est.train.parts if p.name not in MODEL_STATE_SKIP)
+
+
+def _cannot_fit(search: Search, found, where: str, host_bytes: int | None) -> str:
+    """One line: nothing fits whatever the levers, the model-state floor, what was refused."""
+    cfg = search.cfg
+    names = [lv.name for lv in LEVERS if is_on(cfg, lv) or lv in found.tried]
+    msg = (f"memory.fit=auto: nothing fits in {where}, not even micro-batch 1 with activation "
+           f"checkpointing and eval batch 1, whatever the levers ({', '.join(names) or 'none apply'})")
+    if found.floor is not None:
+        fl = found.floor
+        params = ModelShape.of(cfg.model).params()
+        msg += (f": that floor needs {fmt_bytes(max(fl.train.total, fl.eval.total))}, of which the "
+                f"model state on the card is {fmt_bytes(model_state_bytes(fl))} (fp32 weights alone "
+                f"{fmt_bytes(4 * params)})")
+        host = host_total(fl)
+        if host_bytes is not None and host > host_bytes:
+            msg += f", and the host would need {fmt_bytes(host)} of this machine's {fmt_bytes(host_bytes)}"
+    for lv, why in found.refused:
+        msg += f"; {lv.name} not possible here: {why}"
+    sugg = [p for p in proposals(cfg, search.gpu, search.limit, device_type=search.device_type,
+                                 dtype=search.dtype) if p.fits]
+    if sugg:
+        p = sugg[0]
+        msg += f"; best suggestion: {p.description} ({' '.join(p.overrides)}), peak {fmt_bytes(p.peak)}"
+    return msg

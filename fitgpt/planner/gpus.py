@@ -117,6 +117,30 @@ def cublas_workspace(gpu: Gpu | None, env: Mapping[str, str] = os.environ) -> in
         return CUBLAS_LARGE
     return CUBLAS_DEFAULT
 
+# The link between host memory and each card: (PCIe generation, lanes), from NVIDIA's product
+# pages. The RTX 4060 and 4060 Ti have 8 lanes; the V100 SXM2 and the T4 are PCIe 3.0; the H100,
+# H200 and RTX 5090 PCIe 5.0. Per lane and direction a link moves 0.985 (3.0), 1.969 (4.0) or
+# 3.938 (5.0) GB/s (PCI-SIG: 8, 16, 32 GT/s with 128b/130b encoding); copies from pinned memory
+# reach about 80 % of that (CUDA's bandwidthTest: ~25 GB/s on PCIe 4.0 x16, ~12.5 on 3.0 x16).
+# An unknown card counts as PCIe 4.0 x16.
+PCIE_LINK: dict[str, tuple[int, int]] = {
+    **{k: (4, 16) for k in ("rtx3060", "rtx3060ti", "rtx3070", "rtx3080", "rtx3080-12gb",
+                            "rtx3090", "rtx4070", "rtx4070ti", "rtx4070super", "rtx4080",
+                            "rtx4090", "a10", "a10g", "l4", "a100-40gb", "a100-80gb", "l40s")},
+    **{k: (4, 8) for k in ("rtx4060", "rtx4060ti", "rtx4060ti-16gb")},
+    **{k: (3, 16) for k in ("t4", "v100-16gb", "v100-32gb")},
+    **{k: (5, 16) for k in ("rtx5090", "h100-pcie", "h100-sxm", "h200")},
+}
+PCIE_LANE_GBPS = {3: 0.985, 4: 1.969, 5: 3.938}
+PINNED_COPY_EFFICIENCY = 0.8
+
+
+def host_link(gpu: Gpu | None) -> float:
+    """Bytes per second one way between pinned host memory and this card (see PCIE_LINK)."""
+    gen, lanes = PCIE_LINK.get(gpu.key if gpu is not None else "", (4, 16))
+    return PCIE_LANE_GBPS[gen] * 1e9 * lanes * PINNED_COPY_EFFICIENCY
+
+
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[kmgt]i?b\s*$", re.I)
 _DROP = ("nvidia", "geforce", "tesla", "quadro")
 # What may follow a known name in a driver's device name: memory and form factor, not 'ti'.

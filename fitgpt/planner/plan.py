@@ -18,7 +18,9 @@ from fitgpt.errors import ConfigError
 from fitgpt.planner.estimate import estimate
 from fitgpt.planner.fit import Proposal, auto_fit, proposals, resolve_dtype
 from fitgpt.planner.gpus import Gpu
-from fitgpt.planner.timeline import Estimate, PhaseEstimate
+from fitgpt.planner.levers import LEVERS, host_total, is_on
+from fitgpt.planner.speed import speed
+from fitgpt.planner.timeline import Estimate, Part, PhaseEstimate
 
 LOW_USE = 0.40  # below this share of the card, proposals show what the spare memory could buy
 SHOWN = 8  # proposals in the table
@@ -40,6 +42,8 @@ class Plan:
     fit_config: Config | None = None
     fit_estimate: Estimate | None = None
     notes: list[str] = field(default_factory=list)
+    fit_error: str | None = None  # --fit found nothing that fits, whatever the levers: why
+    host_memory: int | None = None  # this machine's RAM (the planner's host, not the card's)
 
 
 def plan_device(cfg: Config, gpu: Gpu | None) -> tuple[str, str]:
@@ -55,13 +59,14 @@ def make_plan(cfg: Config, gpu: Gpu | None, *, fit: bool = False) -> Plan:
     est = estimate(cfg, device_type, dtype, gpu)
     budget = parse_size(cfg.memory.budget) if cfg.memory.budget else (gpu.memory if gpu else None)
     notes = []
+    host = host_memory()
     if gpu is not None and not gpu.bf16 and dtype == "bfloat16":
         notes.append(f"{gpu.label} has no bfloat16: training would stop; use --train.dtype=float16 "
                      "(the memory is the same)")
     if budget is None:
         verdict = ("no card to compare with: name one with --gpu (e.g. rtx4070 or 12GB) or give "
                    "--memory.budget")
-        return Plan(cfg, est, gpu, None, None, None, verdict, notes=notes)
+        return Plan(cfg, est, gpu, None, None, None, verdict, notes=notes, host_memory=host)
     limit = int(budget * (1 - cfg.memory.headroom))
     card = gpu.memory if gpu is not None else budget
     peak = est.peak  # the evaluation alone for an eval-only run
@@ -80,12 +85,17 @@ def make_plan(cfg: Config, gpu: Gpu | None, *, fit: bool = False) -> Plan:
         verdict = f"fits: peak {fmt_bytes(peak)} ({worst}) is {share}; {lim}"
     else:
         verdict = f"does not fit: {worst} needs {fmt_bytes(peak)}, {share}; {lim}"
-    plan = Plan(cfg, est, gpu, budget, limit, fits, verdict, notes=notes)
+    plan = Plan(cfg, est, gpu, budget, limit, fits, verdict, notes=notes, host_memory=host)
     if not fits or (peak < LOW_USE * card and not cfg.train.eval_only):
         plan.proposals = proposals(cfg, gpu, limit, device_type=device_type, dtype=dtype)
     if fit:
-        new, lines = auto_fit(cfg, budget, cfg.memory.headroom, device_type=device_type,
-                              dtype=dtype, gpu=gpu)
+        # the card may be another machine's: this machine's RAM is reported, not imposed
+        try:
+            new, lines = auto_fit(cfg, budget, cfg.memory.headroom, device_type=device_type,
+                                  dtype=dtype, gpu=gpu)
+        except ConfigError as e:  # nothing fits whatever the levers: the plan says so
+            plan.fit_error = str(e)
+            return plan
         plan.fit_config, plan.fit_lines = new, lines
         plan.fit_estimate = estimate(new, device_type, dtype, gpu)
     return plan
@@ -123,13 +133,32 @@ def as_json(plan: Plan) -> dict[str, Any]:
                        "eval_total": p.estimate.eval.total, "throughput": round(p.throughput, 4),
                        "changes_model": p.changes_model} for p in plan.proposals],
     }
+    out["host"] = _host_dict(plan, plan.estimate)
+    if plan.fit_error is not None:
+        out["auto_fit"] = {"fits": False, "error": plan.fit_error}
     if plan.fit_config is not None:
         from fitgpt.planner.fit import overrides_of
 
-        out["auto_fit"] = {"lines": plan.fit_lines,
-                           "overrides": overrides_of(plan.cfg, plan.fit_config),
+        new = plan.fit_config
+        sp = speed(new, plan.gpu)
+        out["auto_fit"] = {"fits": True, "lines": plan.fit_lines,
+                           "overrides": overrides_of(plan.cfg, new),
+                           "levers": [lv.key for lv in LEVERS if is_on(new, lv) and not is_on(plan.cfg, lv)],
+                           "speed": {"tokens_per_s": round(sp.tokens_per_s), "step_s": sp.step_s,
+                                     "compute_s": sp.compute_s, "transfer_s": sp.transfer_s,
+                                     "host_s": sp.host_s},
+                           "host": _host_dict(plan, plan.fit_estimate),
                            "estimate": _estimate_dict(plan.fit_estimate)}
     return out
+
+
+def _host_dict(plan: Plan, est: Estimate) -> dict[str, Any]:
+    """Host memory: what the run pins there (offloaded state and activations), by part where
+    the estimate says, and what this machine has (not necessarily the card's host)."""
+    parts = [vars(p) for p in host_parts(est)]
+    return {"needed": host_total(est), "parts": parts, "this_machine": plan.host_memory,
+            "this_machine_note": "RAM of the machine that ran fitgpt plan (os.sysconf); with "
+                                 "--gpu the card may sit in another"}
 
 
 def _phase_table(ph: PhaseEstimate, title: str):
@@ -175,13 +204,15 @@ def render(plan: Plan, console) -> None:
                   f"{est.device_type} {est.dtype} | micro-batch {cfg.train.batch_size} x accum "
                   f"{cfg.train.grad_accum} x block {cfg.model.block_size} | eval batch "
                   f"{cfg.eval_batch_size} x block {cfg.eval_block_size} | loss {cfg.memory.loss}"
-                  + (" | activation checkpointing" if cfg.memory.checkpointing else ""))
+                  + (" | activation checkpointing" if cfg.memory.checkpointing else "")
+                  + lever_words(cfg))
     phases = [(est.train, "training step"), (est.eval, "evaluation (model and optimizer state alive)")]
     if est.eval_only:
         phases = [(est.eval, "evaluation (an eval-only run: weights, no optimizer state)")]
     for ph, title in phases:
         console.print()
         console.print(_phase_table(ph, title))
+    _render_host(plan, est, console)
     console.print()
     style = {True: "bold green", False: "bold red", None: "bold"}[plan.fits]
     console.print(f"[{style}]{plan.verdict}[/]", highlight=False)
@@ -207,6 +238,43 @@ def render(plan: Plan, console) -> None:
         flags = overrides_of(cfg, plan.fit_config)
         if flags:
             console.print(f"  overrides: {' '.join(flags)}", markup=False)
+        _render_host(plan, plan.fit_estimate, console, indent="  ")
+    if plan.fit_error is not None:
+        console.print()
+        console.print("[bold red]auto-fit: cannot fit[/] (whatever the memory levers):")
+        console.print(f"  {plan.fit_error}", markup=False)
+
+
+def lever_words(cfg: Config) -> str:
+    """The levers cfg has on, for the plan's first line ('' when none: the line is as before)."""
+    words = [lv.name for lv in LEVERS if is_on(cfg, lv)]
+    m = cfg.memory
+    if m.checkpointing and m.checkpoint_every > 1:
+        words.insert(0, f"checkpointing every {m.checkpoint_every} blocks")
+    return "".join(f" | {w}" for w in words)
+
+
+def host_parts(est: Estimate) -> list[Part]:
+    """What the run holds in host memory: the offloaded model state (all run long), and the
+    activations the larger phase offloads."""
+    acts = max(est.train.host, est.eval.host)
+    return list(est.host) + ([Part("offloaded activations", acts, "saved for backward, pinned; "
+                                   "the phase that holds the most")] if acts else [])
+
+
+def _render_host(plan: Plan, est: Estimate, console, indent: str = "") -> None:
+    """Host memory, apart from the card's: only when the run pins some there (offloaded state
+    or activations), with this machine's RAM beside it."""
+    need = host_total(est)
+    if not need:
+        return
+    parts = ", ".join(f"{p.name} {fmt_bytes(p.bytes)}" for p in host_parts(est))
+    mine = plan.host_memory
+    room = ("" if mine is None else
+            f"; this machine has {fmt_bytes(mine)} of RAM, " + ("enough" if need <= mine else "NOT enough")
+            + (" (the card named with --gpu may sit in another machine)" if plan.gpu and plan.gpu.key else ""))
+    console.print(f"{indent}host memory (not on the card): {fmt_bytes(need)}"
+                  + (f" ({parts})" if parts else "") + room, markup=False)
 
 
 def render_verify(result: dict[str, Any], console) -> None:
@@ -246,8 +314,9 @@ def check_possible(cfg: Config, est: Estimate, device_type: str, dtype: str,
                    card: Gpu | None) -> None:
     """Stop, before anything is allocated, a run that this machine cannot hold at all: even at
     the out-of-memory back-off's floor (one sequence per slice, eval batch 1) the allocated
-    bytes exceed the device's whole memory, or the token ids of one optimizer step (drawn up
-    front, on the host) exceed the host's. Raises ConfigError with the plan's numbers."""
+    bytes exceed the device's whole memory, or what the memory levers keep in host memory or
+    the token ids of one optimizer step (drawn up front, on the host) exceed the host's. Raises
+    ConfigError with the plan's numbers."""
     host = host_memory()
     memory = card.memory if card is not None else host
     if memory is None:
@@ -271,6 +340,13 @@ def check_possible(cfg: Config, est: Estimate, device_type: str, dtype: str,
             f"back-off's floor (one sequence per slice, eval batch 1) needs {fmt_bytes(need)}"
             + (f" with the step's token ids ({fmt_bytes(ids)})" if ids and card is None else "")
             + "; see `fitgpt plan` for what to change")
+    if card is not None and host is not None and est.host_total > host:
+        raise ConfigError(
+            f"this run cannot fit this machine's {fmt_bytes(host)} of RAM: its memory levers keep "
+            f"{fmt_bytes(est.host_total)} in host memory ("
+            + ", ".join(f"{p.name} {fmt_bytes(p.bytes)}" for p in host_parts(est))
+            + "); turn a lever off, or use --memory.optimizer_state=8bit for smaller AdamW state; "
+            "see `fitgpt plan` for what to change")
     if card is not None and host is not None and ids > host:
         raise ConfigError(
             f"this run cannot fit this machine's {fmt_bytes(host)}: the token ids of one "
@@ -309,8 +385,9 @@ def prepare_training(cfg: Config) -> tuple[Config, list[str]]:
         else:
             raise ConfigError(f"memory.fit=auto needs --memory.budget on {device_type.upper()} "
                               "(e.g. --memory.budget=12GB)")
+        # the levers may pin host memory: never more than this machine has
         cfg, fit_lines = auto_fit(cfg, budget, cfg.memory.headroom, device_type=device_type,
-                                  dtype=dtype, gpu=card)
+                                  dtype=dtype, gpu=card, host_bytes=host_memory())
         lines += [f"memory.fit=auto: {line}" for line in fit_lines]
     est = estimate(cfg, device_type, dtype, card)
     check_possible(cfg, est, device_type, dtype, card)

@@ -35,6 +35,7 @@ class PhaseEstimate:
     parts: list[Part]
     allocated: int
     overhead: list[Part] = field(default_factory=list)
+    host: int = 0  # pinned host memory the phase holds for the device (activation offload)
 
     @property
     def total(self) -> int:
@@ -50,6 +51,13 @@ class Estimate:
     params: int
 
     eval_only: bool = False  # only the evaluation runs (train.eval_only)
+    host: list[Part] = field(default_factory=list)  # model state in host memory (offload_optimizer)
+
+    @property
+    def host_total(self) -> int:
+        """Host memory the run holds for the device: the offloaded model state (`host`, all
+        run long; its step transient included) and the larger phase's offloaded activations."""
+        return sum(p.bytes for p in self.host) + max(self.train.host, self.eval.host)
 
     @property
     def peak(self) -> int:
@@ -67,6 +75,9 @@ class Timeline:
         self.at_peak: dict[str, int] = {}
         self.scale = scale or {}  # per kind: 1/world for what FSDP shards, 0 for what it removes
         self.times = 1  # inside `repeated(k)`: every allocation stands for k of them
+        self.host = 0  # pinned host memory held for the device (activation offload), and its peak
+        self.host_peak = 0
+        self.moved = 0  # bytes copied from the device to the host (each comes back once)
 
     def alloc(self, kind: str, n: float, count: int = 1) -> tuple[str, int]:
         """`count` tensors of n bytes each (each rounded), alive together; one handle for all."""
@@ -83,6 +94,15 @@ class Timeline:
             self.live[kind] -= n
             self.current -= n
 
+    def to_host(self, reserved: int, moved: int) -> None:
+        """Copies to pinned host memory: `reserved` bytes of it held, `moved` bytes copied."""
+        self.host += reserved
+        self.moved += moved
+        self.host_peak = max(self.host_peak, self.host)
+
+    def from_host(self, reserved: int) -> None:
+        self.host -= reserved
+
     def transient(self, kind: str, *sizes: float) -> None:
         """Allocate sizes one after another, all alive together, then free them."""
         hs = [self.alloc(kind, s) for s in sizes]
@@ -93,12 +113,13 @@ class Timeline:
         """Replay one step as k identical steps, without tracking the peak (see the module
         docstring: call it only between the first and the last of a run of identical steps,
         which are replayed one by one). Handles allocated inside stand for all k; frees of
-        handles from outside count once, so the caller frees what the k-1 others consumed."""
-        self.times = k
+        handles from outside count once, so the caller frees what the k-1 others consumed.
+        Nested, the repetitions multiply."""
+        self.times *= k
         try:
             yield
         finally:
-            self.times = 1
+            self.times //= k
 
 
 def split(handle: tuple[str, int], k: int) -> tuple[tuple[str, int], tuple[str, int]]:

@@ -5,7 +5,8 @@ The run uses fitgpt's own machinery (the step `build_training` makes for `fitgpt
 needed. It measures:
 - training: the steps after the first (the optimizer state exists from the first step on),
   with gradient accumulation capped at 2 micro-batches, because the second micro-batch
-  already has every gradient alive and later ones repeat it;
+  already has every gradient alive and later ones repeat it (3 with memory.fused_backward,
+  whose last micro-batch differs: it updates and frees the gradients);
 - evaluation: with the model and optimizer state alive, as in a training run; for a config
   with train.eval_only, evaluation alone, with the weights and no optimizer state.
 On CUDA the allocator's peak allocated and reserved; on the CPU the storage tracker.
@@ -125,7 +126,7 @@ def _measure(cfg: Config, rt, steps: int, catch_oom: bool) -> tuple[dict[str, li
     tr = build_training(cfg, batches=batches, compile=False, rt=rt)
     meter = Meter(rt, track_cpu=True)
     val = SyntheticVal(cfg.model.vocab_size, 2 * cfg.eval_batch_size, cfg.eval_block_size)
-    accum = min(cfg.train.grad_accum, 2)
+    accum = min(cfg.train.grad_accum, 3 if cfg.memory.fused_backward else 2)  # fused: first, middle, last
     peaks: dict[str, list[int]] = {"train": [], "train_r": [], "eval": [], "eval_r": []}
 
     def record(name: str, peak: int | None, reserved: int | None) -> None:
@@ -137,7 +138,8 @@ def _measure(cfg: Config, rt, steps: int, catch_oom: bool) -> tuple[dict[str, li
         # fp16 may skip the first optimizer steps (inf gradients): measure once state exists
         while done < steps or (not peaks["train"] and done < steps + 5):
             measure = bool(tr.optimizer.state)
-            _, peak, reserved = meter.measure(lambda: tr.step(accum=accum), tr.model, tr.optimizer, measure)
+            _, peak, reserved = meter.measure(lambda: tr.step(accum=accum, split=cfg.memory.micro_split),
+                                              tr.model, tr.optimizer, measure)
             if measure:
                 record("train", peak, reserved)
             done += 1

@@ -177,6 +177,15 @@ def plan_png(plan, out: Path) -> Path:
     return save_png(fig, out)
 
 
+def _lever_line(cfg, est) -> str:
+    """A third title line for the memory levers and the host memory they use ('' without)."""
+    from fitgpt.planner.plan import lever_words
+
+    words = lever_words(cfg)[3:].replace(" | ", ", ")
+    host = f"host memory {est.host_total / GiB:.2f} GiB (not drawn)" if est.host_total else ""
+    return "\n" + "; ".join(w for w in (words, host) if w) if words or host else ""
+
+
 def _plan_data(plan) -> dict[str, Any]:
     """What the picture needs from a Plan (fitgpt.planner.plan), as plain numbers."""
     from fitgpt.planner.plan import SHOWN
@@ -202,7 +211,8 @@ def _plan_data(plan) -> dict[str, Any]:
                      f"on {where}: {verdict}\nmicro-batch {cfg.train.batch_size} x block "
                      f"{cfg.model.block_size}, eval batch {cfg.eval_batch_size} x block "
                      f"{cfg.eval_block_size}, loss {cfg.memory.loss}"
-                     + (", activation checkpointing" if cfg.memory.checkpointing else ""),
+                     + (", activation checkpointing" if cfg.memory.checkpointing else "")
+                     + _lever_line(cfg, est),
             "card": plan.gpu.memory if plan.gpu is not None else plan.budget,
             "card_label": plan.gpu.label if plan.gpu is not None else "budget",
             "limit": plan.limit, "headroom": cfg.memory.headroom,

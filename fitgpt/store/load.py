@@ -39,6 +39,7 @@ def load_model(where: str, overrides: list[str], notes: list[str]):
     cfg = config_of(ckpt, notes)
     cfg.train.device = "auto"
     apply_overrides(cfg, overrides)
+    cfg.memory.activation_offload = False  # a training lever (nothing saved for backward here)
     rt = resolve_runtime(cfg.train.device, cfg.train.dtype)
     enable_tf32(rt)  # eval and sample compute as training did
     model = build_model(cfg, rt.device, init=False)

@@ -16,15 +16,19 @@ from typing import Any
 
 import torch
 
+from fitgpt.config.levers import fused_backward_refusal
 from fitgpt.config.schema import Config
 from fitgpt.data.manifest import check_token_ids
 from fitgpt.data.shards import TrainBatches, find_splits
+from fitgpt.errors import ConfigError
 from fitgpt.eval.evaluate import EvalResult, evaluate
 from fitgpt.model.gpt import GPT
 from fitgpt.model.runtime import Runtime, build_model, enable_tf32, resolve_data_dir, resolve_runtime
 from fitgpt.train import distributed
 from fitgpt.train.distributed import World
 from fitgpt.train.faults import NO_FAULTS, Faults
+from fitgpt.train.fused import FusedBackward
+from fitgpt.train.optim import make_optimizer
 from fitgpt.train.parallelize import maybe_compile
 from fitgpt.train.step import train_step
 
@@ -63,6 +67,7 @@ class Training:
     batches: Any  # TrainBatches, or synthetic batches with its next_batch()
     data: DataFiles | None = None  # where the batches come from; None when they were passed in
     faults: Faults = NO_FAULTS
+    fused: FusedBackward | None = None  # memory.fused_backward: the updates made in backward
 
     @property
     def fsdp(self) -> bool:
@@ -89,7 +94,7 @@ class Training:
         t = self.cfg.train
         return train_step(self.forward, self.optimizer, self.scaler, self.batches,
                           accum if accum is not None else t.grad_accum, t.grad_clip, self.rt,
-                          split, data, step, exchange, self.faults)
+                          split, data, step, exchange, self.faults, self.fused)
 
 
 def build_training(cfg: Config, world: World | None = None, batches: Any = None, *,
@@ -102,6 +107,7 @@ def build_training(cfg: Config, world: World | None = None, batches: Any = None,
     world = world if world is not None else World()
     rt = rt if rt is not None else resolve_runtime(world.device or cfg.train.device, cfg.train.dtype)
     enable_tf32(rt)
+    check_fused_backward(cfg, world, rt)
     data = None
     if batches is None:
         data = find_data(cfg, world, resuming)
@@ -111,7 +117,16 @@ def build_training(cfg: Config, world: World | None = None, batches: Any = None,
     model = build_model(cfg, rt.device, init=not resuming)
     wrapped = distributed.wrap(model, cfg.parallel.mode, world, rt)
     t = cfg.train
-    optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), rt.device_type)
+    optimizer = make_optimizer(cfg, model, rt, world.size)  # memory.optimizer_state, offload_optimizer
     scaler = distributed.grad_scaler(rt, fsdp)  # float16 only; sharded under FSDP2
     forward = maybe_compile(wrapped, t.compile if compile is None else compile)
-    return Training(cfg, world, rt, model, forward, optimizer, scaler, batches, data, faults)
+    fused = FusedBackward(model, optimizer) if cfg.memory.fused_backward else None  # its hooks
+    return Training(cfg, world, rt, model, forward, optimizer, scaler, batches, data, faults, fused)
+
+
+def check_fused_backward(cfg: Config, world: World, rt: Runtime) -> None:
+    """memory.fused_backward refused, before anything is built, for what only the run knows
+    (train.dtype=auto resolved to float16; processes started by torchrun)."""
+    why = fused_backward_refusal(cfg, str(rt.dtype).replace("torch.", ""), world.size)
+    if why:
+        raise ConfigError(why)

@@ -17,7 +17,7 @@ from fitgpt import __version__
 from fitgpt.config.load import to_dict
 from fitgpt.config.schema import Config
 from fitgpt.model.runtime import clean_state_dict
-from fitgpt.train import distributed
+from fitgpt.train import distributed, optim
 from fitgpt.train.measure import PhasePeaks
 from fitgpt.train.rng import rng_state, set_rng_state
 
@@ -43,9 +43,11 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint. Under FSDP the model and optimizer state are gathered whole (a
         collective: every process calls this), and AdamW's state is keyed by parameter name, so
-        that a run saved in one mode or world size resumes in another."""
-        return {"model": distributed.full_model_state(self.model, self.fsdp),
-                "optimizer": distributed.full_optimizer_state(self.model, self.optimizer),
+        that a run saved in one mode or world size resumes in another. The weights are fp32
+        and AdamW's state is tagged with its format (fitgpt.train.optim)."""
+        return {"model": optim.model_state(self.model, self.optimizer, self.fsdp),
+                "optimizer": optim.optimizer_state(self.model, self.optimizer),
+                optim.FORMAT_KEY: optim.state_format(self.config),
                 "scaler": self.scaler.state_dict(), "step": self.step, "tokens": self.tokens,
                 "best_val_loss": self.best_val, "config": to_dict(self.config),
                 "sampler": self.batches.state_dict(), "rng": rng_state(), "version": __version__,
@@ -57,9 +59,13 @@ class TrainState:
         moments would be memory the plan omits. The back-off only ever shrinks what the config
         asks for: a run that needed smaller pieces keeps them."""
         notes = []
-        distributed.load_full_model_state(self.model, clean_state_dict(d["model"]), self.fsdp)
+        if optimizer and "optimizer" in d and self.config is not None:
+            optim.check_format(d, self.config)  # another format: refused, never reinterpreted
+        weights = clean_state_dict(d["model"])
+        distributed.load_full_model_state(self.model, weights, self.fsdp)
+        optim.load_model_extra(self.optimizer, weights)  # offloaded fp32 masters
         if (optimizer and "optimizer" in d
-                and not distributed.load_optimizer_state(self.model, self.optimizer, d["optimizer"])):
+                and not optim.load_optimizer_state(self.model, self.optimizer, d["optimizer"])):
             notes.append("the checkpoint's optimizer state is index-keyed (nanoGPT): FSDP starts "
                          "with a fresh AdamW state")
         for obj, key in ((self.scaler, "scaler"), (self.batches, "sampler")):

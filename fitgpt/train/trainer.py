@@ -275,6 +275,12 @@ class Trainer:
                 self.stats.peaks.record("train", *out[1:])
                 self.stats.stop_shared = exchange.get("stop", False)
                 return out[0]
+            if exchange.get("updated"):  # memory.fused_backward: a retry would update those twice
+                raise OutOfMemory(
+                    f"out of memory in training at step {state.step} after the fused backward had "
+                    f"updated some weights, so the step cannot be retried; resume from the last "
+                    f"checkpoint in smaller pieces: fitgpt train --resume {self.run_dir} "
+                    f"--memory.micro_split={state.micro_split * 2} (or see `fitgpt plan`)")
             # FSDP2 gathers parameters once per slice: a process that alone used more slices
             # would make more collectives than the others, so it cannot back off alone either
             if exchange.get("began") or tr.fsdp:
