@@ -10,14 +10,16 @@
 # fits in what is left of the budget (expected times are for an H100):
 #   1. memory    bench/gpu_memory_check.py: predicted against measured peaks of the seed's model
 #                under a 12 GiB cap (~3 min)                 -> gpu_memory_check.json
-#   2. seed      bench/gpu_speed.py --parts seed: chunked loss against the largest full-logits
+#   2. largest   bench/gpu_largest_model.py: the auto-fitted GPT-2 124M-1558M with and without
+#                the memory levers, run under the same cap (~2 min) -> gpu_largest_model.json
+#   3. seed      bench/gpu_speed.py --parts seed: chunked loss against the largest full-logits
 #                batch under the same cap (~2 min)          -> gpu_speed_seed.json
-#   3. parallel  bench/gpu_parallel_check.sh: one process, then DDP and FSDP2 on all GPUs when
+#   4. parallel  bench/gpu_parallel_check.sh: one process, then DDP and FSDP2 on all GPUs when
 #                there are 2 or more (~1 min on one GPU, ~3 min on several)
-#   4. speed     bench/gpu_speed.py --parts 124m,chunks,sync: GPT-2 124M MFU compiled, the chunk
+#   5. speed     bench/gpu_speed.py --parts 124m,chunks,sync: GPT-2 124M MFU compiled, the chunk
 #                sweep, the cost of the per-step isfinite sync (~6 min; the JSON is rewritten
 #                after each part, so a timeout keeps the parts done) -> gpu_speed_124m.json
-# Logs: gpu_session.log (everything, with the environment first). At most 5 files in OUT_DIR,
+# Logs: gpu_session.log (everything, with the environment first). At most 6 files in OUT_DIR,
 # so a sandbox that returns 8 files returns them all.
 #
 # fitgpt is imported from this checkout (PYTHONPATH), so nothing needs installing where PyTorch,
@@ -74,6 +76,7 @@ step() {
 
 if (( dry )); then
   step memory 0 "$py" bench/gpu_memory_check.py --dry-run
+  step largest 0 "$py" bench/gpu_largest_model.py --dry-run --out "$out/gpu_largest_model.json"
   step seed 0 "$py" bench/gpu_speed.py --parts seed --dry-run
   step speed 0 "$py" bench/gpu_speed.py --parts 124m,chunks,sync --dry-run
   echo "## parallel: bench/gpu_parallel_check.sh (needs a GPU; no dry run)" | tee -a "$log"
@@ -81,6 +84,7 @@ if (( dry )); then
 fi
 
 step memory 150 "$py" bench/gpu_memory_check.py --out "$out/gpu_memory_check.json"
+step largest 150 "$py" bench/gpu_largest_model.py --out "$out/gpu_largest_model.json"
 step seed 90 "$py" bench/gpu_speed.py --parts seed --out "$out/gpu_speed_seed.json"
 step parallel 90 env PYTHON="$py" bash bench/gpu_parallel_check.sh /tmp/fitgpt_parallel_check
 step speed 200 "$py" bench/gpu_speed.py --parts 124m,chunks,sync --out "$out/gpu_speed_124m.json"

@@ -146,3 +146,38 @@ def test_golden_outputs_record_and_check(tmp_path):
     gold.write_text(json.dumps(data))
     bad = run("check")
     assert bad.returncode == 1 and "changed: gpt2-124m" in bad.stdout
+
+
+def test_lever_variants_set_the_levers_and_nothing_else():
+    cfg = Config()
+    v8, fused, every = parse_variants("8bit+every:2,fused,chunked+every:3")
+    out = v8.apply(cfg)
+    assert (out.memory.optimizer_state, out.memory.checkpointing, out.memory.checkpoint_every) == ("8bit", True, 2)
+    assert out.memory.fused_backward is False and out.train.grad_clip == cfg.train.grad_clip
+    out = fused.apply(cfg)
+    assert out.memory.fused_backward is True and out.train.grad_clip == 0.0  # clipping is refused with it
+    assert out.memory.optimizer_state == "fp32" and not out.memory.checkpointing
+    assert every.apply(cfg).memory.checkpoint_every == 3 and cfg.memory.checkpoint_every == 1  # a copy
+    with pytest.raises(ConfigError, match="every:2"):
+        parse_variants("every")
+    with pytest.raises(ConfigError, match="positive whole number"):
+        parse_variants("every:0")
+
+
+def test_bench_rows_for_the_levers_that_run_on_a_cpu():
+    """8-bit state, fused backward and every-other-block checkpointing each get a row against
+    plain AdamW in the same run; the memory ratios go the way the levers promise."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli([*TINY, "--model.n_embd=64", "--model.n_head=4", "--train.grad_accum=1",
+                    "--steps", "2", "--warmup", "1", "--repeats", "1",
+                    "--variants", "chunked,chunked+8bit,chunked+fused,chunked+every:2", "--json"])
+    assert code == 0
+    rows = {r["variant"]: r for r in json.loads(out.getvalue())["rows"]}
+    assert rows["chunked+8bit"]["train_memory_ratio"] < 1  # 2 B of moments per weight, not 8
+    assert rows["chunked+every:2"]["train_memory_ratio"] < 1
+    for r in rows.values():
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0

@@ -306,8 +306,11 @@ def test_gpu_session_script_dry_run(tmp_path):
                          env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode == 0, res.stderr
     log = (tmp_path / "gpu_session.log").read_text()
-    for name in ("memory", "seed", "speed"):
+    for name in ("memory", "largest", "seed", "speed"):
         assert f"## {name}: rc 0 in" in log, log[-2000:]
+    # the largest-model check plans GPT-2 XL for 12 GiB with the levers and not without them
+    assert "gpt2-1558m  with the levers      planned: --memory.checkpointing=true" in log
+    assert "gpt2-1558m  cheap settings only  cannot fit" in log
     spec = importlib.util.spec_from_file_location("gpu_memory_check", ROOT / "bench" / "gpu_memory_check.py")
     grid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(grid)

@@ -33,7 +33,15 @@ from fitgpt.config.schema import Config
 from fitgpt.errors import ConfigError
 from fitgpt.model.shape import ModelShape
 
-TOKENS = ("full_logits", "chunked", "checkpointing", "compile")
+TOKENS = ("full_logits", "chunked", "checkpointing", "compile", "every", "8bit", "fused", "offload",
+          "act_offload")
+# the memory levers (issue 15) as variant words: the settings each one changes
+LEVERS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "8bit": (("memory", "optimizer_state", "8bit"),),
+    "fused": (("memory", "fused_backward", True), ("train", "grad_clip", 0.0)),  # clipping is refused
+    "offload": (("memory", "offload_optimizer", True),),
+    "act_offload": (("memory", "activation_offload", True),),
+}
 DEFAULT_VARIANTS = "full_logits,chunked"
 
 
@@ -47,9 +55,16 @@ class Variant:
     compile: bool = False  # True turns torch.compile on
     chunk: int | None = None  # rows per chunk of the chunked loss; None keeps the config's
     batch: int | None = None  # training micro-batch; None keeps the config's
+    every: int | None = None  # checkpoint every this-many-th block (turns checkpointing on)
+    levers: tuple[str, ...] = ()  # words of LEVERS
 
     def apply(self, cfg: Config) -> Config:
         out = copy.deepcopy(cfg)
+        for word in self.levers:
+            for section, key, value in LEVERS[word]:
+                setattr(getattr(out, section), key, value)
+        if self.every is not None:
+            out.memory.checkpointing, out.memory.checkpoint_every = True, self.every
         if self.loss is not None:
             out.memory.loss = self.loss
         if self.chunk is not None:
@@ -63,7 +78,7 @@ class Variant:
 
 def _number_of(word: str) -> tuple[str, int | None]:
     """'chunked:256' -> ('chunked', 256), 'batch:8' -> ('batch', 8); other words -> (word, None)."""
-    if not word.startswith(("chunked:", "batch:")):
+    if not word.startswith(("chunked:", "batch:", "every:")):
         return word, None
     head, text = word.split(":", 1)
     if not text.isdigit() or int(text) < 1:
@@ -84,7 +99,7 @@ def parse_variants(spec: str) -> list[Variant]:
             w, n = _number_of(w)
             if n is not None:
                 nums[w] = n
-            if w != "batch" or n is None:
+            if w not in ("batch", "every") or n is None:
                 words.append(w)
         for w in words:
             if w not in TOKENS:
@@ -94,8 +109,11 @@ def parse_variants(spec: str) -> list[Variant]:
         if "full_logits" in words and "chunked" in words:
             raise ConfigError(f"--variants: {name!r} asks for both full_logits and chunked")
         loss = "full" if "full_logits" in words else "chunked" if "chunked" in words else None
+        if "every" in words:
+            raise ConfigError(f"--variants: {name!r}: 'every' needs a number of blocks, e.g. every:2")
         out.append(Variant(name, loss, "checkpointing" in words, "compile" in words,
-                           nums.get("chunked"), nums.get("batch")))
+                           nums.get("chunked"), nums.get("batch"), nums.get("every"),
+                           tuple(w for w in words if w in LEVERS)))
     if not out:
         raise ConfigError("--variants: no variant given (e.g. full_logits,chunked)")
     names = [v.name for v in out]
@@ -320,7 +338,9 @@ step, MFU (GPU), the peak memory of training and of evaluation, and each variant
 first. Repeats alternate the order of the variants.
 
   --variants LIST   comma-separated; each a '+' combination of full_logits, chunked (or
-                    chunked:N, N rows per chunk), checkpointing, compile, batch:N (micro-batch)
+                    chunked:N, N rows per chunk), checkpointing, compile, batch:N (micro-batch),
+                    and the memory levers: every:N (checkpoint every N-th block), 8bit (AdamW
+                    state), fused (step in backward, grad_clip 0), offload, act_offload (CUDA)
                     (default: full_logits,chunked)
   --steps N         timed training steps per run (default 5)
   --warmup W        untimed training steps first (default 1; compile always gets one)
