@@ -50,6 +50,10 @@ def _worker(out: Path) -> None:
     seen["own shards finite"] = all(bool(torch.isfinite(p.grad.to_local()).all())
                                     for p in model.parameters())
     (out / f"rank{world.rank}.json").write_text(json.dumps(seen))
+    # both processes past their last collective before either tears the group down (without it a
+    # loaded machine once saw gloo abort one process at exit: "terminate called without an active
+    # exception")
+    torch.distributed.barrier()
     distributed.shutdown()
 
 
