@@ -1,8 +1,8 @@
 """The memory levers' refusals: for each lever of issue 15 (fused backward, the optimizer-state
-formats and offload, activation offload), one line saying why it cannot run with a config, or
-None. Torch-free, so `check` refuses before anything is allocated, and the planner and auto-fit ask
-the same functions before they propose a lever; the training code asks again with the resolved
-device, dtype and process count."""
+formats and offload, activation offload) and for train.optimizer=muon with them, one line saying
+why it cannot run with a config, or None. Torch-free, so `check` refuses before anything is
+allocated, and the planner and auto-fit ask the same functions before they propose a lever; the
+training code asks again with the resolved device, dtype and process count."""
 
 from __future__ import annotations
 
@@ -29,6 +29,31 @@ def fused_backward_refusal(cfg: Config, dtype: str | None = None, processes: int
     if mem.optimizer_state != "fp32" or mem.offload_optimizer:
         return (f"{head} with torch's AdamW and fp32 state on the device; set --memory.optimizer_state=fp32 "
                 f"--memory.offload_optimizer=false (or --memory.fused_backward=false)")
+    if t.optimizer != "adamw":
+        return (f"{head} with torch's AdamW, one parameter at a time; train.optimizer={t.optimizer} is not "
+                f"supported there; set --train.optimizer=adamw (or --memory.fused_backward=false)")
+    return None
+
+
+def muon_refusal(cfg: Config, processes: int | None = None) -> str | None:
+    """Why train.optimizer=muon cannot run with cfg's memory levers or parallel mode, as one
+    line (None: it can, or the optimizer is AdamW). processes: the run's resolved count."""
+    t, mem, n = cfg.train, cfg.memory, processes or cfg.parallel.nproc
+    head = "train.optimizer=muon"
+    if t.optimizer != "muon":
+        return None
+    if n > 1 and cfg.parallel.mode == "fsdp":
+        return (f"{head} does not run under parallel.mode=fsdp: Muon's Newton-Schulz step orthogonalises each "
+                f"whole matrix, and FSDP2 keeps a shard of it per process (every step would gather every "
+                f"matrix); use --parallel.mode=ddp (or --train.optimizer=adamw)")
+    if mem.optimizer_state != "fp32":
+        return (f"{head} keeps Muon's momentum and AdamW's moments in fp32; memory.optimizer_state="
+                f"{mem.optimizer_state} (bitsandbytes' 8-bit AdamW) is not supported with it; use "
+                f"--memory.optimizer_state=fp32 (or --train.optimizer=adamw)")
+    if mem.offload_optimizer:
+        return (f"{head} steps where the weights are; memory.offload_optimizer=true (AdamW on fp32 masters in "
+                f"host memory) is not supported with it; use --memory.offload_optimizer=false "
+                f"(or --train.optimizer=adamw)")
     return None
 
 
@@ -40,6 +65,9 @@ def optimizer_refusal(cfg: Config, device_type: str | None = None, dtype: str | 
     t, mem, n = cfg.train, cfg.memory, processes or cfg.parallel.nproc
     dev = device_type or (None if t.device == "auto" else t.device.split(":")[0])
     dtype = dtype or (None if t.dtype == "auto" else t.dtype)
+    why = muon_refusal(cfg, processes)
+    if why:
+        return why
     if mem.optimizer_state == "8bit":
         if n > 1 and cfg.parallel.mode == "fsdp":
             return ("memory.optimizer_state=8bit does not run under parallel.mode=fsdp: bitsandbytes' 8-bit "

@@ -408,6 +408,9 @@ def check(cfg: Config) -> None:
         divisors = [h for h in range(1, m.n_embd + 1) if m.n_embd % h == 0 and abs(h - m.n_head) <= 8]
         raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
                           f"heads that divide it: {divisors}")
+    if m.position == "rotary" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError(f"model.position=rotary needs an even head size; n_embd/n_head = "
+                          f"{m.n_embd}/{m.n_head} = {m.n_embd // m.n_head}")
     if cfg.eval_block_size > m.block_size:
         raise ConfigError(f"eval.block_size={e.block_size} is larger than model.block_size="
                           f"{m.block_size}; the position embedding has only {m.block_size} rows")

@@ -89,6 +89,22 @@ class ModelConfig:
     """Dropout probability (0 for pretraining)."""
     bias: bool = False
     """Bias in Linear and LayerNorm layers (GPT-2 had them; False is a little better and faster)."""
+    position: Literal["learned", "rotary"] = "learned"
+    """Positions: learned (GPT-2's position embedding) or rotary (RoPE on each head's queries and keys,
+    rotate-half form, base 10000, no parameters; needs an even head size; not exportable to HF GPT-2)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys before attention (and before the rotation), no
+    parameters, as modded-nanogpt and nanochat do (not exportable to HF GPT-2)."""
+    mlp: Literal["gelu", "relu2"] = "gelu"
+    """MLP activation: gelu (GPT-2) or relu2 (ReLU squared)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation: layernorm (GPT-2, with a weight) or rmsnorm (RMS, no parameters)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the lm_head (GPT-2); false: a separate head matrix."""
+    zero_init: bool = False
+    """Initialise the output projections of attention and MLP (and an untied head) to zero."""
+    logit_softcap: Annotated[float, NON_NEGATIVE] = 0.0
+    """Cap the logits smoothly at +-this with c*tanh(z/c) (0: no cap)."""
 
 
 @dataclass
@@ -127,6 +143,12 @@ class TrainConfig:
     """AdamW beta1."""
     beta2: Annotated[float, FRACTION] = 0.95
     """AdamW beta2."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw for everything, or muon: Muon for the 2-D hidden matrices, AdamW for the rest."""
+    muon_lr: Annotated[float, ABOVE_ZERO] = 0.02
+    """Muon's learning rate (the hidden matrices; follows the same warm-up and decay as lr)."""
+    muon_momentum: Annotated[float, FRACTION] = 0.95
+    """Muon's Nesterov momentum (constant: no momentum warm-up)."""
     grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     device: Annotated[str, Choice("auto, cpu, cuda, cuda:N or mps", pattern=r"auto|cpu|mps|cuda(:\d+)?")] = "auto"

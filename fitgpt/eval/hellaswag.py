@@ -119,7 +119,8 @@ def ending_losses(model, rows: list[tuple[list[int], int]], budget: int, rt) -> 
             h = model.hidden(x)  # (rows, T, C)
             for r, i in enumerate(idx):
                 out[i] = float(chunked_cross_entropy(h[r], model.lm_head.weight, y[r],
-                                                     model.loss.chunk_rows, "sum"))
+                                                     model.loss.chunk_rows, "sum",
+                                                     model.shape.logit_softcap))
     return out
 
 

@@ -2,11 +2,13 @@
 
 Token + position embeddings, n_layer pre-LayerNorm blocks (causal self-attention through
 `F.scaled_dot_product_attention`, then a 4x GELU MLP), a final LayerNorm, and an lm_head tied to
-the token embedding. Its sizes come from a `ModelShape` (fitgpt.model.shape), which also counts
-its parameters and FLOPs. The loss, a `LossSpec` given at construction, never needs the full
-(B, T, V) logits: see `fitgpt.model.loss`. Activation checkpointing is applied to a built model
-from outside (`fitgpt.model.checkpointing`); generation and its KV cache are in
-`fitgpt.model.generate`.
+the token embedding (GPT-2's recipe; `model.mlp`, `norm`, `tie_embeddings`, `zero_init` and
+`logit_softcap` choose ReLU^2, a parameter-free RMSNorm, an untied head, zero-initialised output
+projections and soft-capped logits instead). Its sizes come from a `ModelShape`
+(fitgpt.model.shape), which also counts its parameters and FLOPs. The loss, a `LossSpec` given
+at construction, never needs the full (B, T, V) logits: see `fitgpt.model.loss`. Activation
+checkpointing is applied to a built model from outside (`fitgpt.model.checkpointing`);
+generation and its KV cache are in `fitgpt.model.generate`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fitgpt.model import rotary
+from fitgpt.model.blockops import relu2, rms_norm
 from fitgpt.model.generate import KVCache, generate
 from fitgpt.model.loss import LossSpec
 from fitgpt.model.shape import ModelShape
@@ -34,20 +38,56 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """RMS norm without parameters (model.norm = "rmsnorm", as modded-nanogpt and nanochat):
+    x / sqrt(mean(x^2) + eps), eps the dtype's machine epsilon (F.rms_norm's default); written
+    out in fitgpt.model.blockops so that it saves one small tensor on every device."""
+
+    def forward(self, x):
+        return rms_norm(x)
+
+
+def make_norm(s: ModelShape) -> nn.Module:
+    """The norm the shape asks for: GPT-2's LayerNorm or the parameter-free RMSNorm."""
+    return RMSNorm() if s.norm == "rmsnorm" else LayerNorm(s.n_embd, s.bias)
+
+
+class Head(nn.Linear):
+    """The lm_head: logits of hidden states, soft-capped when the shape says so (c * tanh(z / c),
+    in fp32) so that sampling sees the logits the loss was trained on. The loss itself takes
+    `weight` and `softcap` (fitgpt.model.loss), never calling this on every position."""
+
+    def __init__(self, s: ModelShape):
+        super().__init__(s.n_embd, s.padded_vocab, bias=False)
+        self.softcap = s.logit_softcap
+
+    def forward(self, h):
+        logits = super().forward(h)
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits.float() / self.softcap)
+        return logits
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, s: ModelShape, dropout: float):
         super().__init__()
         self.n_head = s.n_head
         self.dropout = dropout
+        self.qk_norm = s.qk_norm
         self.c_attn = nn.Linear(s.n_embd, 3 * s.n_embd, bias=s.bias)
         self.c_proj = nn.Linear(s.n_embd, s.n_embd, bias=s.bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None):
+        """rope: the (cos, sin) tables of these positions with model.position=rotary, else None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k = q.view(B, T, self.n_head, C // self.n_head), k.view(B, T, self.n_head, C // self.n_head)
+        if self.qk_norm:
+            q, k = rotary.qk_norm(q), rotary.qk_norm(k)
+        if rope is not None:
+            q, k = rotary.rotate(q, *rope), rotary.rotate(k, *rope)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         mask, causal = None, True  # the whole context (or the first part of the cache)
         if cache is not None and cache.pos > 0:  # queries at pos..pos+T-1 see the cache up to theirs
@@ -68,21 +108,24 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(s.n_embd, 4 * s.n_embd, bias=s.bias)
         self.c_proj = nn.Linear(4 * s.n_embd, s.n_embd, bias=s.bias)
         self.dropout = nn.Dropout(dropout)
+        self.relu2 = s.mlp == "relu2"
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))  # (B, T, C)
+        u = self.c_fc(x)  # (B, T, 4C)
+        u = relu2(u) if self.relu2 else F.gelu(u)  # ReLU^2 saves what GELU saves: its input
+        return self.dropout(self.c_proj(u))  # (B, T, C)
 
 
 class Block(nn.Module):
     def __init__(self, s: ModelShape, dropout: float):
         super().__init__()
-        self.ln_1 = LayerNorm(s.n_embd, s.bias)
+        self.ln_1 = make_norm(s)
         self.attn = CausalSelfAttention(s, dropout)
-        self.ln_2 = LayerNorm(s.n_embd, s.bias)
+        self.ln_2 = make_norm(s)
         self.mlp = MLP(s, dropout)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -95,16 +138,21 @@ class GPT(nn.Module):
         self.loss = loss or LossSpec()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(s.padded_vocab, s.n_embd),
-            wpe=nn.Embedding(s.block_size, s.n_embd),
+            **({"wpe": nn.Embedding(s.block_size, s.n_embd)} if s.position == "learned" else {}),
             drop=nn.Dropout(dropout),
             h=nn.ModuleList([Block(s, dropout) for _ in range(s.n_layer)]),
-            ln_f=LayerNorm(s.n_embd, s.bias),
+            ln_f=make_norm(s),
         ))
-        self.lm_head = nn.Linear(s.n_embd, s.padded_vocab, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.lm_head = Head(s)
+        if s.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied
 
     # -- initialisation (GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer))
     def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2's initialisation. With zero_init the attention and MLP output projections and an
+        untied lm_head start at zero (modded-nanogpt, nanochat): each block starts as the
+        identity and the first logits are uniform. Their random draws are still made, so the
+        other tensors get the same values as without it."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if p.dim() < 2:
@@ -115,6 +163,8 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.shape.n_layer)
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype).mul_(std))
+                if self.shape.zero_init and name.endswith(("c_proj.weight", "lm_head.weight")):
+                    p.zero_()
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameters (tied weights counted once); without embeddings: minus wte and wpe.
@@ -129,13 +179,23 @@ class GPT(nn.Module):
         if start + T > self.shape.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                              f"{self.shape.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x, rope = self._embed(idx, start)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x) if cache is None else block(x, cache, i)
+            x = block(x, None, 0, rope) if cache is None else block(x, cache, i, rope)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
+
+    def _embed(self, idx: torch.Tensor, start: int):
+        """Token embeddings plus the learned position embeddings of positions start..; with
+        rotary, the token embeddings alone and the (cos, sin) tables of those positions."""
+        T, wte = idx.size(1), self.transformer.wte
+        if self.shape.position == "rotary":
+            hs = self.shape.n_embd // self.shape.n_head
+            rope = rotary.tables(start, T, hs, idx.device, rotary.compute_dtype(idx.device.type, wte.weight))
+            return self.transformer.drop(wte(idx)), rope
+        pos = torch.arange(start, start + T, device=idx.device)
+        return self.transformer.drop(wte(idx) + self.transformer.wpe(pos)), None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean"):
@@ -145,11 +205,11 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h[:, [-1], :])  # (B, 1, V)
         h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)  # (B*T, C), (B*T,)
-        return self.loss(h, self.lm_head.weight, targets, reduction)
+        return self.loss(h, self.lm_head.weight, targets, reduction, self.shape.logit_softcap)
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float],
                             device_type: str) -> torch.optim.AdamW:
-        """AdamW; weight decay on matrices only; fused on CUDA."""
+        """AdamW; weight decay on matrices only (an untied lm_head is one); fused on CUDA."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]

@@ -13,6 +13,11 @@ Both functions cast explicitly (matmul in the autocast dtype, softmax in fp32), 
 use is the same on every device whatever the autocast policy for cross-entropy is there.
 Targets equal to -1 are ignored.
 
+With a soft cap c (model.logit_softcap > 0) the cross-entropy is of c * tanh(z / c), z the
+logits, computed in fp32 in both paths. The chunked path keeps tanh(z / c) of a chunk in a second
+(c, V) fp32 buffer: the gradient with respect to z is the capped one times 1 - tanh^2, formed in
+the forward pass like the rest.
+
 In float16 the chunked path must not overflow where the full path does not. The full path
 divides by the token count (and multiplies by GradScaler's scale) before its 16-bit backward
 matmuls; the chunked one forms its gradients in the forward pass, before either is known. So it
@@ -38,14 +43,22 @@ def compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
 
 
 def full_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       reduction: str = "mean") -> torch.Tensor:
-    """The usual way: logits (N, V) in the compute dtype, an fp32 copy, then cross-entropy."""
+                       reduction: str = "mean", softcap: float = 0.0) -> torch.Tensor:
+    """The usual way: logits (N, V) in the compute dtype, an fp32 copy (capped: c * tanh(z / c),
+    tanh's output saved for backward), then cross-entropy."""
     logits = F.linear(h, weight)  # (N, V)
     acc = torch.promote_types(logits.dtype, torch.float32)
-    return F.cross_entropy(logits.to(acc), targets, ignore_index=-1, reduction=reduction)
+    z = logits.to(acc)
+    if softcap:  # the 16-bit logits freed first; divided in place; tanh's output is saved
+        del logits
+        t = torch.tanh(z.div_(softcap))  # (N, V) fp32
+        del z
+        z = t * softcap
+        del t
+    return F.cross_entropy(z, targets, ignore_index=-1, reduction=reduction)
 
 
-def _chunks(h, weight, targets, chunk, dtype, grads):
+def _chunks(h, weight, targets, chunk, dtype, grads, softcap=0.0):
     """Sum of token losses over row chunks; with grads, also d(sum)/dh and d(sum)/dweight.
 
     Per chunk of c rows: one matmul for the logits, a fused log-softmax (its value at the target
@@ -55,7 +68,8 @@ def _chunks(h, weight, targets, chunk, dtype, grads):
     The log-softmax overwrites the fp32 logits (CPU and CUDA kernels read a row before writing
     it). When the logits are already fp32 (no autocast), one (c, V) buffer serves every chunk:
     on the CPU a fresh large tensor costs a page fault per 4 KiB on first touch, as much time as
-    the matmuls on a small model. With 16-bit logits, the fp32 copy is made per chunk as before."""
+    the matmuls on a small model. With 16-bit logits, the fp32 copy is made per chunk as before.
+    With softcap (and grads), tanh(z / c) is kept in a second buffer of the same kind."""
     n, dev = h.size(0), h.device
     w = weight.to(dtype)  # (V, C)
     acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 (fp64 for fp64)
@@ -63,6 +77,7 @@ def _chunks(h, weight, targets, chunk, dtype, grads):
     reuse = inplace and dtype == acc
     c = max(1, min(chunk, n))
     buf = torch.empty(c, w.size(0), dtype=acc, device=dev) if reuse else None  # (c, V)
+    tbuf = torch.empty_like(buf) if reuse and softcap and grads else None  # (c, V): tanh(z / c)
     total = torch.zeros((), dtype=acc, device=dev)
     grad_h = torch.empty_like(h) if grads else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grads else None
@@ -76,6 +91,7 @@ def _chunks(h, weight, targets, chunk, dtype, grads):
             logits = torch.mm(hc, w.t(), out=buf[:e - s])  # (c, V) fp32
         else:
             logits = (hc @ w.t()).to(acc)  # (c, V): 16-bit logits, cast to fp32
+        th = _cap(logits, softcap, grads, None if tbuf is None else tbuf[:e - s])
         logp = torch.log_softmax(logits, 1, out=logits) if inplace else torch.log_softmax(logits, 1)
         del logits
         total -= logp.gather(1, tsafe).mul_(keep).sum()  # minus log-probability of the target
@@ -84,6 +100,9 @@ def _chunks(h, weight, targets, chunk, dtype, grads):
             continue
         probs = logp.exp_()  # softmax, in the log-softmax's memory
         probs.scatter_add_(1, tsafe, keep.to(acc).neg_())  # minus one-hot (kept rows only)
+        if th is not None:  # through the cap: d(c tanh(z/c))/dz = 1 - tanh^2
+            probs.mul_(th.square_().neg_().add_(1))
+            del th
         g = probs.to(dtype)  # (c, V); the same tensor in fp32
         gh = grad_h[s:e]
         if gh.dtype == dtype:
@@ -95,6 +114,19 @@ def _chunks(h, weight, targets, chunk, dtype, grads):
         _add_weight_grad(grad_w, g, probs, hk)
         del logp, probs, g, hk  # free this chunk before the next one is allocated
     return total, grad_h, grad_w
+
+
+def _cap(logits, softcap, grads, out):
+    """Cap the fp32 logits in place (c * tanh(z / c)); with grads, return tanh(z / c) (in `out`
+    when given, else a new tensor) for the backward factor 1 - tanh^2. None without a cap."""
+    if not softcap:
+        return None
+    logits.div_(softcap).tanh_()
+    th = None
+    if grads:
+        th = torch.clone(logits) if out is None else out.copy_(logits)
+    logits.mul_(softcap)
+    return th
 
 
 def _add_weight_grad(grad_w, g, probs, hk):
@@ -122,8 +154,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     a 16-bit hidden-state gradient is rounded after the scaling, as the full path's is."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, dtype, mean):
-        total, grad_h, grad_w = _chunks(h, weight, targets, chunk, dtype, grads=True)
+    def forward(ctx, h, weight, targets, chunk, dtype, mean, softcap):
+        total, grad_h, grad_w = _chunks(h, weight, targets, chunk, dtype, True, softcap)
         count = (targets != -1).sum().clamp(min=1).to(total.dtype) if mean else None
         ctx.save_for_backward(grad_h, grad_w, count)
         ctx.weight_dtype = weight.dtype
@@ -137,23 +169,25 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * factor
         else:  # 16-bit h: scale in fp32, then round
             grad_h = grad_h.to(factor.dtype).mul_(factor).to(grad_h.dtype)
-        return grad_h, (grad_w * factor).to(ctx.weight_dtype), None, None, None, None
+        return grad_h, (grad_w * factor).to(ctx.weight_dtype), None, None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = 2048, reduction: str = "mean") -> torch.Tensor:
+                          chunk: int = 2048, reduction: str = "mean", softcap: float = 0.0) -> torch.Tensor:
     """Cross-entropy of `h @ weight.T` against targets, `chunk` rows at a time.
 
     h: (N, C) hidden states; weight: (V, C); targets: (N,) with -1 for ignored positions.
-    reduction: 'mean' over non-ignored tokens, or 'sum'. Gradients are exact.
+    reduction: 'mean' over non-ignored tokens, or 'sum'. softcap > 0: of c * tanh(logits / c).
+    Gradients are exact.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     dtype = compute_dtype(h.device.type, h.dtype)
     with torch.autocast(h.device.type, enabled=False):
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            return _ChunkedCrossEntropy.apply(h, weight, targets, chunk, dtype, reduction == "mean")
-        total, _, _ = _chunks(h, weight, targets, chunk, dtype, grads=False)
+            return _ChunkedCrossEntropy.apply(h, weight, targets, chunk, dtype, reduction == "mean",
+                                              softcap)
+        total, _, _ = _chunks(h, weight, targets, chunk, dtype, False, softcap)
         if reduction == "mean":
             total = total / (targets != -1).sum().clamp(min=1)
         return total
@@ -173,8 +207,9 @@ class LossSpec:
         return cls(memory_cfg.loss, memory_cfg.chunk_rows(device_type))
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 reduction: str = "mean") -> torch.Tensor:
-        """The cross-entropy of `h @ weight.T` (h: (N, C), weight: (V, C)) against targets (N,)."""
+                 reduction: str = "mean", softcap: float = 0.0) -> torch.Tensor:
+        """The cross-entropy of `h @ weight.T` (h: (N, C), weight: (V, C)) against targets (N,),
+        of the logits capped at +-softcap when it is > 0 (the model's `logit_softcap`)."""
         if self.kind == "full":
-            return full_cross_entropy(h, weight, targets, reduction)
-        return chunked_cross_entropy(h, weight, targets, self.chunk_rows, reduction)
+            return full_cross_entropy(h, weight, targets, reduction, softcap)
+        return chunked_cross_entropy(h, weight, targets, self.chunk_rows, reduction, softcap)

@@ -123,7 +123,8 @@ def build_model(cfg: Config, device: torch.device, init: bool = True) -> GPT:
     with torch.device("meta"):
         model = GPT(ModelShape.of(cfg.model), cfg.model.dropout, loss)
     model.to_empty(device=device)
-    model.lm_head.weight = model.transformer.wte.weight  # keep the tie explicit after to_empty
+    if model.shape.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # keep the tie explicit after to_empty
     if init:
         model.init_weights(cfg.train.seed)
     if mem.checkpointing:

@@ -11,6 +11,12 @@ What one block does depends on the device and on dropout (see ../shared/notes/me
   the softmax, the dropout noise, the dropped attention and v, each (b, heads, s, s) or (b, s, h).
 - dropout on the residual branches and the embeddings: CUDA's fused kernel saves a bool mask
   (1 B per element); the CPU multiplies by a noise tensor of the input's dtype and saves it.
+- model.qk_norm and model.position=rotary (fitgpt.model.rotary) give q and k tensors of their
+  own, which attention saves beside qkv (v stays a view of it). F.rms_norm is replayed as the
+  CPU's composite (an fp32 copy of a 16-bit input and 1/rms saved; in fp32 it saves views of
+  qkv, which then lives until q's norm backward); the rotation saves only the small cos and sin
+  tables; their backward passes are replayed op by op (tests/test_rotary_qknorm.py checks them
+  against the CPU tracker; CUDA's fused rms_norm, if it is taken, allocates less).
 
 The activation levers (`fitgpt.model.checkpointing`) change what survives the forward pass:
 - checkpointing every k-th block: those blocks run without saving (their input kept) and are
@@ -28,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fitgpt.model.shape import ModelShape
+from fitgpt.planner.qk import QK
 from fitgpt.planner.timeline import Timeline, r
 
 EXPLICIT_LAYERS = 3  # up to this many blocks are replayed one by one; more: first, middle, last
@@ -47,7 +54,7 @@ class Host:
     count: int = 1
 
 
-class Blocks:
+class Blocks(QK):
     """One block's forward and backward on a timeline, for N = b x T rows of width C."""
 
     def __init__(self, tl: Timeline, s: ModelShape, b: int, T: int, a: int, dropout: bool = False,
@@ -125,15 +132,14 @@ class Blocks:
         sv: dict = {"x_in": x_in}
         ws: list = []
         # attention half: ln_1 (fp32 out + mean + rstd), qkv matmul, fused attention, projection
-        ln = tl.alloc(act, 4 * N * C)
-        stats = [tl.alloc(act, 4 * N), tl.alloc(act, 4 * N)]
-        sv["ln1_stats"] = [self.done(grad, h, 4 * N) for h in stats]
+        ln, sv["ln1_stats"] = self.norm_forward(grad)
         if a == 2:
             ws.append(tl.alloc(cast, 3 * C * C * a))
             sv["xin"] = tl.alloc(act, N * C * a)  # ln output cast for the matmul
         sv["qkv"] = tl.alloc(act, 3 * N * C * a)
         if a == 2:
             sv["xin"] = self.done(grad, sv["xin"], N * C * a)
+        self._qk_forward(grad, sv)
         if self.math:
             proj = self._math_attention(grad, sv, ws)
         else:
@@ -152,12 +158,25 @@ class Blocks:
         sv["w"] = ws
         return sv, [], x_out
 
+    def norm_forward(self, grad: bool) -> tuple:
+        """A norm of the fp32 residual stream: (its fp32 output, its saved statistics). LayerNorm
+        saves the mean and the reciprocal std (N each); the RMSNorm (fitgpt.model.blockops)
+        allocates its reciprocal RMS (N) first, then the output. (`ReLU^2` needs no replay of
+        its own: it allocates and saves what GELU does.)"""
+        tl, N, C, act = self.tl, self.N, self.s.n_embd, "activations"
+        done = self.done  # outside a block's forward (ln_f) it offloads nothing
+        if self.s.norm == "rmsnorm":
+            rstd = tl.alloc(act, 4 * N)
+            out = tl.alloc(act, 4 * N * C)
+            return out, [done(grad, rstd, 4 * N)]
+        out = tl.alloc(act, 4 * N * C)
+        stats = [tl.alloc(act, 4 * N), tl.alloc(act, 4 * N)]
+        return out, [done(grad, h, 4 * N) for h in stats]
+
     def _mlp_forward(self, grad: bool, sv: dict, ws: list):
         tl, N, C, a = self.tl, self.N, self.s.n_embd, self.a
         act, cast = "activations", "autocast weight copies"
-        ln2 = tl.alloc(act, 4 * N * C)
-        stats = [tl.alloc(act, 4 * N), tl.alloc(act, 4 * N)]
-        sv["ln2_stats"] = [self.done(grad, h, 4 * N) for h in stats]
+        ln2, sv["ln2_stats"] = self.norm_forward(grad)
         if a == 2:
             ws.append(tl.alloc(cast, 4 * C * C * a))
             sv["xin2"] = tl.alloc(act, N * C * a)
@@ -193,6 +212,9 @@ class Blocks:
             # and the output are strided views, packed one after another as attention saves them
             tl.transient(act, N * C * a)
         sv["qkv"] = self.done(grad, sv["qkv"], N * C * a, count=3)  # q, k, v: views of it
+        for name in ("q", "k"):  # rotated or normalised: their own tensors, saved instead
+            if name in sv:
+                sv[name] = self.done(grad, sv[name], N * C * a)
         if a == 2:
             ws.append(tl.alloc("autocast weight copies", C * C * a))
         proj = tl.alloc(act, N * C * a)
@@ -246,7 +268,12 @@ class Blocks:
             ws.append(tl.alloc("autocast weight copies", C * C * a))
         proj = tl.alloc(act, NC * a)
         proj, drop = self.drop(proj, NC, a, grad)
-        tl.free(sv.pop("qkv"))
+        qkv = sv.pop("qkv")
+        if grad and self.s.qk_norm and a == 4:
+            sv["qkv_views"] = qkv  # what fp32 qk_norm saved: views of it
+        else:
+            tl.free(qkv)
+        tl.free(*(sv.pop(n) for n in ("q", "k") if n in sv))  # rotated or normalised: not saved
         if grad:
             sv.update(qc=qc, kc=kc, sm=sm, noise=noise, dropped=dropped, vc=vc, y=y, attn_drop=drop)
         else:
@@ -278,17 +305,26 @@ class Blocks:
             for n in ([n_bias] if self.s.bias else []) + [n_weight]:
                 self.on_grad(n)
 
-    def ln_backward(self, g_in, stats, x, grads: list, exist: bool):
-        """A LayerNorm's backward, in fp32 (a 16-bit incoming gradient is cast first); frees the
-        incoming gradient, the saved statistics and the input. Returns the input's gradient."""
+    def ln_backward(self, g_in, stats, x, grads: list, exist: bool, cast: bool = True):
+        """A norm's backward, in fp32 (a 16-bit incoming gradient is cast first, unless `cast`
+        is False: ln_f's comes from the loss in fp32); frees the incoming gradient, the saved
+        statistics and the input. Returns the input's gradient."""
         tl, N, C = self.tl, self.N, self.s.n_embd
-        if self.a == 2:
+        if self.a == 2 and cast:
             g32 = tl.alloc("activations", 4 * N * C)
             tl.free(g_in)
             g_in = g32
         x, stats = self.unpack(x), [self.unpack(h) for h in stats]
-        g_ln = tl.alloc("activations", 4 * N * C)
-        self.param_grads(C, C, 1, grads, exist)
+        if self.s.norm == "rmsnorm":  # blockops: (g x).mean, times rstd^3, then g rstd + x coef
+            gx = tl.alloc("activations", 4 * N * C)
+            coef = tl.alloc("activations", 4 * N)
+            tl.free(gx)
+            tl.free(tl.alloc("activations", 4 * N))  # rstd^3
+            g_ln = tl.alloc("activations", 4 * N * C)
+            tl.free(coef)
+        else:
+            g_ln = tl.alloc("activations", 4 * N * C)
+            self.param_grads(C, C, 1, grads, exist)
         tl.free(g_in, *stats, x)
         return g_ln
 
@@ -327,6 +363,8 @@ class Blocks:
         self._free(g16, w_proj, y)
         if self.math:
             g_qkv = self._math_attention_backward(sv, g_out)
+        elif "q" in sv:  # rotary or qk_norm: q and k are tensors of their own
+            g_qkv = self._qk_attention_backward(sv, g_out)
         else:
             saved = [u(sv["qkv"]), u(sv["out"]), u(sv["lse"])]
             dqkv = [tl.alloc(act, N * C * a) for _ in range(3)]
@@ -376,15 +414,15 @@ class Blocks:
             tl.free(gq_s)
             c1 = tl.alloc(act, NC * a)
             tl.free(t1)
+            gq, gk = self._qk_backward(sv, t3, t2, None)
+        else:
+            c1 = tl.alloc(act, 4 * NC)
+            tl.free(gv)
+            gq, gk = self._qk_backward(sv, gq_s, gk_s, sv.pop("qkv_views", None))
+        if self.s.position != "rotary":  # q's gradient laid out for the concatenation
             c2 = tl.alloc(act, NC * a)
-            tl.free(t3)
-            g_qkv = tl.alloc(act, 3 * NC * a)
-            tl.free(c2, t2, c1)
-            return g_qkv
-        c1 = tl.alloc(act, 4 * NC)
-        tl.free(gv)
-        c2 = tl.alloc(act, 4 * NC)
-        tl.free(gq_s)
-        g_qkv = tl.alloc(act, 3 * NC * 4)
-        tl.free(c2, gk_s, c1)
+            tl.free(gq)
+            gq = c2
+        g_qkv = tl.alloc(act, 3 * NC * a)
+        tl.free(gq, gk, c1)
         return g_qkv

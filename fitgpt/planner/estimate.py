@@ -3,7 +3,8 @@
 The estimate replays fitgpt's own code paths as a timeline of allocations and frees (every size
 rounded up to 512 bytes, as the CUDA caching allocator and the CPU tracker round): the forward
 pass block by block with what autograd saves, the loss (full or chunked), the backward pass,
-gradient accumulation, gradient clipping and the AdamW step (with memory.fused_backward: inside
+gradient accumulation, gradient clipping and the AdamW step (or Muon's and AdamW's with
+train.optimizer=muon, fitgpt.planner.optstate; with memory.fused_backward: inside
 the last backward, one parameter at a time, `FusedTimeline`), then evaluation under no_grad.
 The peak of that timeline is the prediction of `torch.cuda.max_memory_allocated` (or of the CPU
 storage tracker); what is alive at the peak, grouped by kind, is the breakdown. On CUDA the
@@ -28,6 +29,7 @@ from fitgpt.model.shape import ModelShape
 from fitgpt.planner import optstate
 from fitgpt.planner.blocks import OFFLOAD_MIN_BYTES
 from fitgpt.planner.gpus import Gpu, cublas_workspace
+from fitgpt.planner.lossplan import _loss, _loss_backward
 from fitgpt.planner.stack import Stack, runs
 from fitgpt.planner.timeline import Estimate, Part, PhaseEstimate, Timeline, r
 
@@ -36,81 +38,14 @@ FRAGMENTATION = 0.05  # reserved above allocated with expandable segments
 WORKSPACES = "cuBLAS workspaces"
 
 
-def _loss(tl: Timeline, s: ModelShape, N: int, a: int, chunked: bool, chunk: int, grad: bool,
-          cuda: bool = False) -> list:
-    """lm_head + cross-entropy forward; returns what survives until backward."""
-    V, C = s.padded_vocab, s.n_embd
-    kept: list = []
-    if chunked:
-        w = tl.alloc("logits and loss", V * C * a) if a == 2 else None
-        tl.alloc("logits and loss", 4)  # total
-        if grad:
-            kept += [tl.alloc("logits and loss", 4 * N * C), tl.alloc("logits and loss", 4 * V * C)]
-        # every full chunk does the same and leaves the timeline as it found it: one of each size
-        for c in ([chunk] if N >= chunk else []) + ([N % chunk] if N % chunk else []):
-            small = [tl.alloc("logits and loss", x) for x in (c * C * a if a == 2 else 0, c, 8 * c)]
-            if a == 2:
-                tl.transient("logits and loss", c * V * a, 4 * c * V)
-            logits = tl.alloc("logits and loss", 4 * c * V)
-            stats = [tl.alloc("logits and loss", 4 * c) for _ in range(5)]
-            if grad:
-                tl.transient("logits and loss", 8 * c, 8 * c)
-                g = tl.alloc("logits and loss", 2 * c * V) if a == 2 else None
-                tl.transient("logits and loss", c * C * a)
-                if a == 2:  # h of kept rows, then the weight gradient summed in fp32 (loss.py):
-                    hk = tl.alloc("logits and loss", c * C * a)  # CUDA: the fp32-output GEMM's
-                    tl.transient("logits and loss", 4 * V * C if cuda else 4 * c * C)  # CPU: hk
-                    tl.free(g, hk)
-            tl.free(logits, *stats, *small)
-        if grad:
-            kept.append(tl.alloc("logits and loss", 4))  # the token count, for backward
-        tl.free(("logits and loss", r(4)))
-        if w:
-            tl.free(w)
-        return kept
-    # full logits: (N, V) in the compute dtype, an fp32 copy, log-softmax
-    hc = tl.alloc("logits and loss", N * C * a) if a == 2 else None
-    wc = tl.alloc("autocast weight copies", V * C * a) if a == 2 else None
-    logits = tl.alloc("logits and loss", N * V * a)
-    l32 = tl.alloc("logits and loss", 4 * N * V) if a == 2 else logits
-    lsm = tl.alloc("logits and loss", 4 * N * V)
-    tl.transient("logits and loss", 8)
-    tl.free(l32) if a == 2 else None
-    tl.free(logits)
-    if grad:
-        kept = [lsm] + ([hc, wc] if a == 2 else [])
-    else:
-        tl.free(lsm, *([hc] if hc else []))
-        kept = [wc] if wc else []
-    return kept
-
-
-def _backward_full_loss(tl: Timeline, s: ModelShape, N: int, a: int, kept: list):
-    """Returns the handles of the gradients of h (fp32) and of the lm_head weight (fp32)."""
-    V, C = s.padded_vocab, s.n_embd
-    g1 = tl.alloc("logits and loss", 4 * N * V)  # nll backward
-    g2 = tl.alloc("logits and loss", 4 * N * V)  # log-softmax backward
-    tl.free(g1, kept[0])
-    if a == 2:
-        g3 = tl.alloc("logits and loss", N * V * a)
-        tl.free(g2)
-        gw16 = tl.alloc("gradients", V * C * a)
-        gh16 = tl.alloc("activations", N * C * a)
-        tl.free(g3, *kept[1:])
-        g_w = tl.alloc("gradients", 4 * V * C)
-        tl.free(gw16)
-        g_h = tl.alloc("activations", 4 * N * C)
-        tl.free(gh16)
-        return g_h, g_w
-    g_w = tl.alloc("gradients", 4 * V * C)
-    g_h = tl.alloc("activations", 4 * N * C)
-    tl.free(g2)
-    return g_h, g_w
-
-
-def _optimizer_state(tl: Timeline, s: ModelShape, fmt: str) -> None:
-    """AdamW's state in format `fmt` (fitgpt.planner.optstate): per tensor, then shared."""
+def _optimizer_state(tl: Timeline, s: ModelShape, fmt: str, muon: bool = False) -> None:
+    """AdamW's state in format `fmt` (fitgpt.planner.optstate): per tensor, then shared. With
+    `muon` (train.optimizer=muon) the blocks' matrices keep Muon's fp32 momentum instead."""
     counts = s.param_counts()
+    if muon:
+        matrices, counts = optstate.muon_split(counts, s.block_matrices(), s.n_layer)
+        for n, k in matrices.items():
+            tl.alloc("optimizer state", 4 * n, k)  # Muon's momentum_buffer
     for n, k in counts.items():
         for nbytes in optstate.tensor_state(n, fmt):  # fp32: exp_avg, exp_avg_sq, step
             tl.alloc("optimizer state", nbytes, k)
@@ -132,17 +67,37 @@ def _adamw_loop_temporaries(s: ModelShape, fmt: str = "fp32") -> int:
     if fmt == "8bit":
         return optstate.cpu_step_temporaries(s.param_counts(), fmt, r)
     C = s.n_embd
-    order = [s.padded_vocab * C, s.block_size * C] + s.block_matrices() * min(s.n_layer, 2)
+    wpe = [s.position_rows * C] if s.position_rows else []  # rotary: none
+    head = [s.head_params()] if s.head_params() else []  # an untied lm_head: the group's last
+    return _loop_most([s.padded_vocab * C] + wpe + s.block_matrices() * min(s.n_layer, 2) + head)
+
+
+def _loop_most(order: list[int]) -> int:
+    """The CPU AdamW loop's most alive over tensors of these sizes, in the order it visits them."""
     most = 2 * r(4 * order[0])
     for prev, cur in zip(order, order[1:]):
         most = max(most, r(4 * prev) + 2 * r(4 * cur))
     return most
 
 
+def _step_temporaries(cfg: Config, s: ModelShape, device_type: str) -> int:
+    """The optimizer step's most alive at once, after clipping. AdamW: the CPU loop's (CUDA's
+    fused kernels, torch's and bitsandbytes', need none). train.optimizer=muon: Muon's
+    Newton-Schulz temporaries (on every device; the matrices' smaller side is n_embd), then
+    AdamW on the rest (matrices in model order: wte, a learned wpe, an untied lm_head; the
+    vectors' group is smaller)."""
+    cpu = device_type != "cuda"
+    if cfg.train.optimizer != "muon":
+        return _adamw_loop_temporaries(s, cfg.memory.optimizer_state) if cpu else 0
+    most = optstate.muon_step_temporaries(s.block_matrices(), s.n_embd, r)
+    rest = [n for n in (s.padded_vocab * s.n_embd, s.position_rows * s.n_embd, s.head_params()) if n]
+    return max(most, _loop_most(rest)) if cpu else most
+
+
 def _gathered(s: ModelShape, a: int) -> float:
     """FSDP2: the root's parameters and two blocks' gathered, in the compute dtype."""
-    root = s.embedding_params() + 2 * s.n_embd
-    rest = s.params(embeddings=False)  # the blocks and ln_f
+    root = s.embedding_params() + 2 * s.n_embd + s.head_params()
+    rest = s.params(embeddings=False) - s.head_params()  # the blocks and ln_f
     return a * (root + 2 * rest / s.n_layer)
 
 
@@ -159,7 +114,7 @@ def _parallel(cfg: Config, a: int) -> tuple[int, str, dict[str, float]]:
                          "gradients": 1 / world, "autocast weight copies": 0 if a == 2 else 1}
 
 
-def _model_state(tl: Timeline, s: ModelShape, mode: str, optimizer: bool, mem=None) -> None:
+def _model_state(tl: Timeline, s: ModelShape, mode: str, optimizer: bool, mem=None, muon: bool = False) -> None:
     """Weights, AdamW state (not in an eval-only run) and DDP's gradient buckets. With
     memory.offload_optimizer the card holds bfloat16 weights and gradients (the timeline's
     scale from here on) and no AdamW state: that is host memory (`optstate.host_parts`)."""
@@ -167,34 +122,35 @@ def _model_state(tl: Timeline, s: ModelShape, mode: str, optimizer: bool, mem=No
     tl.scale.update(optstate.card_scale(offload))
     _weights(tl, s)
     if optimizer and not offload:
-        _optimizer_state(tl, s, mem.optimizer_state if mem is not None else "fp32")
+        _optimizer_state(tl, s, mem.optimizer_state if mem is not None else "fp32", muon)
     if mode == "ddp":  # gradients live in DDP's buckets (gradient_as_bucket_view)
         tl.alloc("DDP gradient buckets", 4 * s.params())
 
 
 def _embed(tl: Timeline, s: ModelShape, N: int, T: int, kind: str) -> tuple:
-    """Token ids (x, y), positions, and the embeddings' sum: (batch handles, pos, x)."""
+    """Token ids (x, y), positions, and the embeddings' sum: (batch handles, pos, x). With
+    model.position=rotary: pos is the cos and sin tables (fitgpt.model.rotary.tables) and x the
+    token embeddings alone."""
     batch = [tl.alloc(kind, 8 * N), tl.alloc(kind, 8 * N)]
+    if s.position == "rotary":
+        return batch, _rope_tables(tl, s, T, kind), tl.alloc("activations", 4 * N * s.n_embd)
     pos = tl.alloc(kind, 8 * T)
     tl.transient("activations", 4 * N * s.n_embd, 4 * T * s.n_embd)
     return batch, pos, tl.alloc("activations", 4 * N * s.n_embd)
+
+
+def _rope_tables(tl: Timeline, s: ModelShape, T: int, kind: str):
+    """cos and sin (T, head_size/2), made in fp32 (from the frequencies and the positions'
+    angles) and kept in the compute dtype (fp32 here: a 16-bit copy is smaller still)."""
+    half = s.n_embd // s.n_head // 2
+    tl.transient(kind, 4 * half, 4 * half, 4 * half, 4 * T, 4 * T * half)
+    return tl.alloc(kind, 4 * T * half, 2)
 
 
 def _workspaces(tl: Timeline, device_type: str, workspace: int, count: int) -> None:
     """PyTorch's cuBLAS workspaces: allocated at the first matmul of each thread, kept."""
     if device_type == "cuda":
         tl.alloc(WORKSPACES, workspace, count)
-
-
-def _loss_backward(tl: Timeline, s: ModelShape, N: int, a: int, chunked: bool, kept: list):
-    """The gradients of h and of the lm_head weight, from the loss."""
-    if not chunked:
-        return _backward_full_loss(tl, s, N, a, kept)
-    factor = tl.alloc("logits and loss", 4)  # grad_out / count
-    g_h = tl.alloc("logits and loss", 4 * N * s.n_embd)
-    g_w = tl.alloc("logits and loss", 4 * s.padded_vocab * s.n_embd)
-    tl.free(factor, *kept)
-    return g_h, g_w
 
 
 class FusedTimeline(Timeline):
@@ -244,8 +200,7 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Stack, device_type: str, grads: 
         x, mask = blk.drop(x, N * s.n_embd, 4, grad=True)
     # checkpointed blocks keep only their input (and cache their autocast weight copies)
     blocks, cache, x = blk.forward_train(x, runs(s.n_layer, mem.checkpointing, mem.checkpoint_every))
-    ln_f = tl.alloc("activations", 4 * N * s.n_embd)
-    stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
+    ln_f, stats = blk.norm_forward(grad=True)
     kept = _loss(tl, s, N, a, chunked, cfg.memory.chunk_rows(device_type), grad=True,
                  cuda=device_type == "cuda")
     tl.free(pos, *cache)  # the autocast region ends with the forward
@@ -262,11 +217,11 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Stack, device_type: str, grads: 
         grads.append(("gradients", g_w[1]))  # lm_head (tied to wte) keeps this tensor
         tl.free(g_w)
         tl.alloc("gradients", g_w[1])
-    g_res = tl.alloc("activations", 4 * N * s.n_embd)  # ln_f backward
-    blk.weight_grad(s.n_embd, 1, grads, have_grads)
-    if fused:
-        tl.grad_done(s.n_embd)
-    tl.free(g_h, *stats, x)
+    elif s.head_params():  # an untied lm_head's gradient is added to its .grad at once
+        tl.free(g_w)
+    if fused and s.head_params():  # an untied lm_head's gradient is complete
+        tl.grad_done(s.head_params())
+    g_res = _ln_f_backward(tl, blk, g_h, stats, x, grads, have_grads, fused)
     if a != 2 and not chunked:
         tl.free(ln_f)
     g_x = blk.backward_train(blocks, g_res, grads, have_grads)
@@ -275,15 +230,42 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Stack, device_type: str, grads: 
         tl.free(g_x, mask)
         g_x = g_d
     tl.free(g_x)
+    _embedding_grads(tl, s, grads, have_grads, g_w, sq if fused else None)
+    tl.free(*batch)
+
+
+def _ln_f_backward(tl: Timeline, blk: Stack, g_h, stats, x, grads: list, have_grads: bool, fused: bool):
+    """ln_f's backward: RMS norm without parameters, or LayerNorm with its weight's gradient."""
+    s = blk.s
+    if s.norm == "rmsnorm":
+        return blk.ln_backward(g_h, stats, x, grads, have_grads, cast=False)
+    g_res = tl.alloc("activations", 4 * blk.N * s.n_embd)
+    blk.weight_grad(s.n_embd, 1, grads, have_grads)
+    if fused:
+        tl.grad_done(s.n_embd)
+    tl.free(g_h, *stats, x)
+    return g_res
+
+
+def _embedding_grads(tl: Timeline, s: ModelShape, grads: list, have_grads: bool, g_w, sq) -> None:
+    """After the blocks: wpe's and the norms' gradients (first micro-batch), the token
+    embedding's added to the tied lm_head's (or its own, untied); with fused backward (`sq`, the
+    running sum of squared norms) the last updates, then that sum freed."""
+    fused = sq is not None
     # embeddings: wpe grad, wte grad added to the lm_head's
     if not have_grads:
-        grads.append(tl.alloc("gradients", 4 * s.block_size * s.n_embd))
-        grads += [tl.alloc("gradients", 4 * s.n_embd) for _ in range(1 + s.bias)]
+        if s.position_rows:  # wpe's (rotary: none)
+            grads.append(tl.alloc("gradients", 4 * s.position_rows * s.n_embd))
+        grads += [tl.alloc("gradients", 4 * s.n_embd) for _ in range(s.norm_tensors())]
     V, C = s.padded_vocab, s.n_embd
-    for n in ([s.block_size * C] + [C] * (1 + s.bias) if fused else []):  # wpe first, then ln_f's
+    for n in ([s.position_rows * C] * bool(s.position_rows) + [C] * s.norm_tensors() if fused else []):  # wpe, ln_f
         tl.update(n)
-    tl.transient("gradients", 4 * V * C, 4 * V * C)
-    if have_grads:  # the lm_head's share waited in autograd's buffer for the tied embedding's
+    if s.head_params():  # untied: the embedding's own gradient, kept (or added and freed)
+        wte = tl.alloc("gradients", 4 * V * C)
+        grads.append(wte) if not have_grads else tl.free(wte)
+    else:
+        tl.transient("gradients", 4 * V * C, 4 * V * C)
+    if have_grads and not s.head_params():  # the lm_head's share waited for the tied embedding's
         tl.free(g_w)
     if fused:  # the token embedding (and lm_head) last; the norm of them all, the sum freed
         tl.update(V * C)
@@ -291,7 +273,6 @@ def _micro_step(tl: Timeline, cfg: Config, blk: Stack, device_type: str, grads: 
         tl.alloc("optimizer step", 4)
         tl.free(sq)
         grads.clear()
-    tl.free(*batch)
 
 
 def train_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) -> Timeline:
@@ -307,7 +288,7 @@ def train_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) ->
     fused = cfg.memory.fused_backward
     tl = FusedTimeline(scale, cpu=device_type != "cuda") if fused else Timeline(scale)
     _workspaces(tl, device_type, workspace, 2)  # the forward's thread and autograd's
-    _model_state(tl, s, mode, optimizer=True, mem=cfg.memory)
+    _model_state(tl, s, mode, optimizer=True, mem=cfg.memory, muon=cfg.train.optimizer == "muon")
     tl.alloc("batch", 4)  # loss_sum
     blk = Stack(tl, s, b, T, a, dropout=cfg.model.dropout > 0, cpu=device_type != "cuda",
                 offload=cfg.memory.activation_offload)
@@ -326,8 +307,9 @@ def train_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) ->
         return tl  # updated in backward
     # clip_grad_norm_: one norm per tensor, stacked
     tl.free(tl.alloc("optimizer step", 4, s.tensors() + 4))
-    if device_type != "cuda":  # CUDA's fused kernels (torch's, bitsandbytes') need none; offload: host
-        tl.free(tl.alloc("optimizer step", _adamw_loop_temporaries(s, cfg.memory.optimizer_state)))
+    step = _step_temporaries(cfg, s, device_type)  # offload: on the host
+    if step:
+        tl.free(tl.alloc("optimizer step", step))
     tl.free(*grads)
     return tl
 
@@ -350,15 +332,14 @@ def eval_timeline(cfg: Config, a: int, device_type: str, workspace: int = 0) -> 
     tl = Timeline(scale)
     only = cfg.train.eval_only
     _workspaces(tl, device_type, workspace, 1 if only else 2)
-    _model_state(tl, s, mode, optimizer=not only, mem=cfg.memory)
+    _model_state(tl, s, mode, optimizer=not only, mem=cfg.memory, muon=cfg.train.optimizer == "muon")
     if mode == "fsdp":
         tl.alloc("FSDP gathered parameters", _gathered(s, a))
     tl.alloc("eval buffers", 8)  # the loss sum
     batch, pos, x = _embed(tl, s, N, T, "eval buffers")
-    cached, x = Stack(tl, s, b, T, a).forward_no_grad(x)
-    ln_f = tl.alloc("activations", 4 * N * s.n_embd)
-    stats = [tl.alloc("activations", 4 * N), tl.alloc("activations", 4 * N)]
-    tl.free(*stats)
+    blk = Stack(tl, s, b, T, a)
+    cached, x = blk.forward_no_grad(x)
+    ln_f, stats = blk.norm_forward(grad=False)  # its statistics freed
     tl.free(x)
     kept = _loss(tl, s, N, a, cfg.memory.loss == "chunked", cfg.memory.chunk_rows(device_type),
                  grad=False)
@@ -399,6 +380,11 @@ def _notes(cfg: Config, s: ModelShape, device_type: str, dtype: str, workspace: 
         notes["optimizer state"] = (f"AdamW moments in 8 bits: uint8 codes + an fp32 scale per {optstate.BLOCK} "
                                     f"(tensors under {optstate.MIN_8BIT} elements: fp32), "
                                     f"{optstate.bytes_per_param(counts, fmt):.2f} B/param")
+    if cfg.train.optimizer == "muon":
+        mb = optstate.muon_state_bytes(counts, s.block_matrices(), s.n_layer) / s.params()
+        notes["optimizer state"] = (f"Muon momentum (fp32, 4 B) for the blocks' matrices, AdamW exp_avg + "
+                                    f"exp_avg_sq (fp32, 8 B) for the rest: {mb:.2f} B/param")
+        notes["optimizer step"] = "clip-norm, Muon's Newton-Schulz (bfloat16) and AdamW temporaries"
     if cfg.memory.offload_optimizer:
         notes["weights"] = f"{s.params() / 1e6:.1f}M params x 2 B (bfloat16; fp32 masters in host memory)"
         notes["gradients"] = "bfloat16: 2 B/param (AdamW steps on the host)"

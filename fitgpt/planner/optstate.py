@@ -18,10 +18,18 @@ and no optimizer state; the host keeps, per tensor, an fp32 master copy of the w
 optimizer state in the format above, and one bfloat16 staging buffer (all tensors in one
 page-locked block of 2 bytes per parameter) through which gradients go down and weights come
 back; during the step one fp32 gradient of the tensor being updated (the largest: 4n bytes).
+
+With `train.optimizer = "muon"` (fitgpt.train.optim_muon) the blocks' 2-D matrices are
+torch.optim.Muon's: one fp32 momentum buffer each (4n bytes; no step tensor, no second moment),
+and every other tensor keeps fp32 AdamW state as above. Muon's step (torch's single-tensor loop,
+one matrix at a time, on every device) makes the Nesterov update in fp32, a bfloat16 copy of it,
+and runs five Newton-Schulz steps in bfloat16 on it and two m x m Gram matrices (m the smaller
+side): `muon_step_temporaries`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 BLOCK = 256  # bitsandbytes' block size for 8-bit block-wise optimizer state
@@ -106,3 +114,34 @@ def card_scale(offload: bool) -> dict[str, float]:
         return {}
     half = CARD_DTYPE_BYTES / 4
     return {"weights": half, "gradients": half, "autocast weight copies": 0}
+
+
+# ----------------------------------------------------------------------------- Muon
+
+
+def muon_split(counts: Mapping[int, int], matrices: list[int], n_layer: int) -> tuple[Counter, Counter]:
+    """The tensors Muon updates (each block's `matrices`, n_layer times) and those AdamW updates
+    (the rest of `counts`), both as {elements: how many}."""
+    muon = Counter()
+    for n in matrices:
+        muon[n] += n_layer
+    return muon, Counter(counts) - muon
+
+
+def muon_state_bytes(counts: Mapping[int, int], matrices: list[int], n_layer: int, rnd=lambda n: n) -> int:
+    """Muon's momentum (fp32, 4n per matrix) plus fp32 AdamW state for the other tensors."""
+    muon, rest = muon_split(counts, matrices, n_layer)
+    return sum(k * rnd(4 * n) for n, k in muon.items()) + state_bytes(rest, "fp32", rnd)
+
+
+def muon_step_temporaries(matrices: list[int], side: int, rnd=lambda n: n) -> int:
+    """The most alive at once in Muon's step, one matrix of n elements at a time (m = `side`,
+    its smaller side): the fp32 Nesterov update (4n) and its bfloat16 copy (2n); then each
+    Newton-Schulz step makes the Gram matrix and its polynomial (2m^2 bytes each) and the next
+    iterate (2n) while the previous ones are still referenced: at the step's end the old and
+    the new iterate with both Gram matrices, and at the next step's start three Gram matrices."""
+    most = 0
+    for n in matrices:
+        x, g = rnd(2 * n), rnd(2 * side * side)
+        most = max(most, rnd(4 * n) + max(2 * x + 2 * g, x + 3 * g))
+    return most

@@ -21,7 +21,16 @@ How fitgpt's GPT maps onto GPT-2's format:
   `vocab_size` is that. The padding rows belong to no token; fitgpt never samples them either,
   so the logits of every real token, and the distribution sampling draws from, are the same
   as fitgpt's;
-- the lm_head is tied to the token embedding, as in GPT-2, and saved once.
+- the lm_head is tied to the token embedding, as in GPT-2, and saved once; an untied one
+  (model.tie_embeddings = false) is saved as lm_head.weight, cropped like the embedding, with
+  `"tie_word_embeddings": false`;
+- model.mlp = "relu2" is transformers' `"activation_function": "relu2"` (ReLU squared); the
+  zero-initialised projections (model.zero_init) are ordinary weights once trained.
+A parameter-free RMSNorm (model.norm = "rmsnorm") and soft-capped logits (model.logit_softcap)
+have no GPT-2 equivalent: they are refused with one line naming the option.
+Rotary positions (model.position = "rotary") and normalised queries and keys (model.qk_norm)
+are refused the same way: GPT-2 adds a learned position embedding and attends with q and k as
+the projection makes them.
 Dropout carries over as GPT-2's three dropout rates. A state dict that does not fit this
 layout (unknown or missing parameters, an lm_head not tied to the embedding) is refused with
 the reason.
@@ -51,13 +60,35 @@ def hf_config(cfg) -> dict:
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": m.vocab_size, "n_positions": m.block_size, "n_ctx": m.block_size,
         "n_embd": m.n_embd, "n_layer": m.n_layer, "n_head": m.n_head, "n_inner": None,
-        "activation_function": "gelu",  # exact GELU, as fitgpt's MLP
+        "activation_function": "relu2" if m.mlp == "relu2" else "gelu",  # exact GELU, as fitgpt's MLP
         "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
+        "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot,
         "torch_dtype": "float32",
     }
+
+
+def block_option_refusal(m) -> str | None:
+    """Why GPT-2's format cannot express the model's norm or head options, or None."""
+    if m.norm == "rmsnorm":
+        return ("model.norm=rmsnorm cannot be exported to Hugging Face GPT-2: its LayerNorm "
+                "subtracts the mean and has a weight")
+    if m.logit_softcap:
+        return ("model.logit_softcap cannot be exported to Hugging Face GPT-2: it has no logit "
+                "soft-capping")
+    return None
+
+
+def attention_option_refusal(m) -> str | None:
+    """Why GPT-2's format cannot express the model's position or attention options, or None:
+    transformers' GPT2 adds a learned position embedding and attends with q and k as they are."""
+    if getattr(m, "position", "learned") == "rotary":
+        return ("model.position=rotary cannot be exported to Hugging Face GPT-2: it has learned "
+                "position embeddings, no rotary ones")
+    if getattr(m, "qk_norm", False):
+        return "model.qk_norm cannot be exported to Hugging Face GPT-2: it does not normalise queries and keys"
+    return None
 
 
 def hf_state_dict(sd: dict, cfg) -> dict:
@@ -65,6 +96,9 @@ def hf_state_dict(sd: dict, cfg) -> dict:
     import torch
 
     m = cfg.model
+    why = attention_option_refusal(m) or block_option_refusal(m)
+    if why:
+        raise ExportError(why)
     C, V = m.n_embd, m.vocab_size
     expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
                 "lm_head.weight"} | ({"transformer.ln_f.bias"} if m.bias else set())
@@ -79,15 +113,15 @@ def hf_state_dict(sd: dict, cfg) -> dict:
                           + (f"unexpected {', '.join(extra[:4])}" if extra else "")
                           + ("; " if extra and missing else "")
                           + (f"missing {', '.join(missing[:4])}" if missing else ""))
-    if not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
+    if m.tie_embeddings and not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
         raise ExportError("lm_head.weight differs from transformer.wte.weight: GPT-2's format "
                           "ties them, so an untied head cannot be exported")
     out = {}
     for key, t in sd.items():
-        if key == "lm_head.weight":
+        if key == "lm_head.weight" and m.tie_embeddings:
             continue  # tied: transformers restores it from wte
         t = t.detach().to(torch.float32)
-        if key == "transformer.wte.weight":
+        if key in ("transformer.wte.weight", "lm_head.weight"):
             t = t[:V]  # drop the padding rows
         if key.endswith(CONV1D):
             t = t.t()  # nn.Linear (out, in) -> Conv1D (in, out)

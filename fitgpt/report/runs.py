@@ -73,7 +73,8 @@ def params_of(model: dict[str, Any]) -> int | None:
         shape = ModelShape(
             n_layer=int(model["n_layer"]), n_head=1, n_embd=int(model["n_embd"]),  # n_head changes no count
             block_size=int(model["block_size"]), vocab_size=int(model["vocab_size"]),
-            vocab_multiple=int(model.get("vocab_multiple", 64)), bias=bool(model["bias"]))
+            vocab_multiple=int(model.get("vocab_multiple", 64)), bias=bool(model["bias"]),
+            norm=str(model.get("norm", "layernorm")), tie_embeddings=bool(model.get("tie_embeddings", True)))
     except (KeyError, TypeError, ValueError):
         return None
     return shape.params()

@@ -234,8 +234,11 @@ class ExpectedShapes:
 
 
 def _settings(m) -> str:
+    """The sizes, and the norm and head options that change the weights' names when not GPT-2's."""
+    opts = "".join(f", {k}={getattr(m, k)}" for k, gpt2 in (("norm", "layernorm"), ("tie_embeddings", True))
+                   if getattr(m, k, gpt2) != gpt2)
     return (f"n_layer={m.n_layer}, n_head={m.n_head}, n_embd={m.n_embd}, "
-            f"block_size={m.block_size}, vocab_size={m.vocab_size}")
+            f"block_size={m.block_size}, vocab_size={m.vocab_size}{opts}")
 
 
 def check_model_fits(model: Mapping, cfg, path: str) -> ExpectedShapes:

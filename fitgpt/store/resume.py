@@ -32,6 +32,10 @@ from fitgpt.store.load import config_of
 
 # Fields that change the model's parameters: a resumed run may not change them.
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple", "bias")
+# The MLP, norm and head options change the function the weights were trained for (zero_init:
+# how they started): switching one on resume is refused as well.
+SHAPE_FIELDS += ("mlp", "norm", "tie_embeddings", "zero_init", "logit_softcap")
+SHAPE_FIELDS += ("position", "qk_norm")  # rotary has no wpe; qk_norm changes the attention
 
 
 def _last(config: str | None, overrides: list[str], field: str):

@@ -34,13 +34,14 @@ from fitgpt.errors import ConfigError
 from fitgpt.model.shape import ModelShape
 
 TOKENS = ("full_logits", "chunked", "checkpointing", "compile", "every", "8bit", "fused", "offload",
-          "act_offload")
+          "act_offload", "muon")
 # the memory levers (issue 15) as variant words: the settings each one changes
 LEVERS: dict[str, tuple[tuple[str, Any], ...]] = {
     "8bit": (("memory", "optimizer_state", "8bit"),),
     "fused": (("memory", "fused_backward", True), ("train", "grad_clip", 0.0)),  # clipping is refused
     "offload": (("memory", "offload_optimizer", True),),
     "act_offload": (("memory", "activation_offload", True),),
+    "muon": (("train", "optimizer", "muon"),),  # not a memory lever: Muon's step against AdamW's (issue 16)
 }
 DEFAULT_VARIANTS = "full_logits,chunked"
 
@@ -340,8 +341,8 @@ first. Repeats alternate the order of the variants.
   --variants LIST   comma-separated; each a '+' combination of full_logits, chunked (or
                     chunked:N, N rows per chunk), checkpointing, compile, batch:N (micro-batch),
                     and the memory levers: every:N (checkpoint every N-th block), 8bit (AdamW
-                    state), fused (step in backward, grad_clip 0), offload, act_offload (CUDA)
-                    (default: full_logits,chunked)
+                    state), fused (step in backward, grad_clip 0), offload, act_offload (CUDA);
+                    muon (train.optimizer=muon) (default: full_logits,chunked)
   --steps N         timed training steps per run (default 5)
   --warmup W        untimed training steps first (default 1; compile always gets one)
   --repeats R       runs of every variant (default 3)

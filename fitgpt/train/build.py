@@ -80,6 +80,11 @@ class Training:
         return self.model if self.world.active and not self.fsdp else self.forward
 
     def set_lr(self, lr: float) -> None:
+        """The scheduled learning rate; with train.optimizer=muon, Muon's groups get it scaled by
+        muon_lr / lr (fitgpt.train.optim_muon)."""
+        if hasattr(self.optimizer, "set_lr"):
+            self.optimizer.set_lr(lr)
+            return
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 

@@ -1,5 +1,6 @@
 """The run's optimizer, as the `memory` section asks: AdamW with fp32 or 8-bit state, on the
-device or offloaded to host memory; and what a checkpoint saves of it.
+device or offloaded to host memory, or (train.optimizer=muon) Muon for the blocks' matrices with
+AdamW for the rest (fitgpt.train.optim_muon); and what a checkpoint saves of it.
 
 - `make_optimizer`: torch's AdamW (fused on CUDA; `GPT.configure_optimizer`, unchanged) for
   `optimizer_state = "fp32"`; bitsandbytes' AdamW8bit for "8bit" (fitgpt.train.optim_8bit);
@@ -8,8 +9,9 @@ device or offloaded to host memory; and what a checkpoint saves of it.
   is refused with one line (fitgpt.config.levers.optimizer_refusal).
 - The checkpoint: `optimizer_state` (AdamW's state keyed by parameter name, in its format),
   `model_state` (fp32 weights: with offloading, the host's masters, not the card's bfloat16
-  copies), `FORMAT_KEY` (the state's format, so that a resume in another format is refused with
-  one line instead of loading bytes that mean something else), and `load_model_extra` (after the
+  copies), `FORMAT_KEY` (the state's format: "fp32", "8bit" or "muon", so that a resume in
+  another format or with another optimizer is refused with one line instead of loading bytes
+  that mean something else), and `load_model_extra` (after the
   weights are loaded: the masters follow them).
 
 bitsandbytes is optional (`pip install 'fitgpt[lowbit]'`); it is imported only when the 8-bit
@@ -28,7 +30,7 @@ from fitgpt.errors import ConfigError
 from fitgpt.model.runtime import Runtime
 from fitgpt.train import distributed
 
-FORMAT_KEY = "optimizer_format"  # in the checkpoint: "fp32" or "8bit" (absent: fp32, as before)
+FORMAT_KEY = "optimizer_format"  # in the checkpoint: "fp32", "8bit" or "muon" (absent: fp32, as before)
 
 __all__ = ["FORMAT_KEY", "check_format", "load_model_extra", "load_optimizer_state", "make_optimizer",
            "model_state", "optimizer_state", "param_groups", "state_format"]
@@ -67,6 +69,8 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, rt: Runtime, processes: 
     if why:
         raise ConfigError(why)
     betas = (t.beta1, t.beta2)
+    if t.optimizer == "muon":
+        return _muon(cfg, model, rt)
     if mem.offload_optimizer:
         from fitgpt.train.optim_offload import HostOffloadAdamW
 
@@ -77,11 +81,28 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, rt: Runtime, processes: 
     return model.configure_optimizer(t.weight_decay, t.lr, betas, rt.device_type)
 
 
+def _muon(cfg: Config, model: torch.nn.Module, rt: Runtime):
+    """Muon for the blocks' 2-D matrices, AdamW (fused on CUDA, train.weight_decay on its
+    matrices only) for the rest (fitgpt.train.optim_muon says why each setting)."""
+    from fitgpt.train.optim_muon import MuonAdamW, muon_param_names
+
+    t = cfg.train
+    names = set(muon_param_names(model))
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in names]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    muon = [p for n, p in model.named_parameters() if n in names]
+    return MuonAdamW(muon, groups, lr=t.lr, muon_lr=t.muon_lr, momentum=t.muon_momentum,
+                     betas=(t.beta1, t.beta2), fused=rt.device_type == "cuda")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def state_format(cfg: Config) -> str:
-    return cfg.memory.optimizer_state
+    """What the checkpoint's optimizer state is: AdamW's in memory.optimizer_state's format, or
+    "muon" (Muon's momentum for the matrices, fp32 AdamW for the rest)."""
+    return "muon" if cfg.train.optimizer == "muon" else cfg.memory.optimizer_state
 
 
 def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
@@ -125,6 +146,11 @@ def check_format(saved: dict, cfg: Config) -> None:
     asks for: 8-bit codes and fp32 moments are different tensors under different keys, and a
     conversion would not be the state the saved run had."""
     have, want = saved.get(FORMAT_KEY, "fp32"), state_format(cfg)
+    if have != want and "muon" in (have, want):
+        was = "muon" if have == "muon" else "adamw"
+        raise ConfigError(f"the checkpoint's optimizer state is train.optimizer={was}'s and this run asks "
+                          f"for train.optimizer={cfg.train.optimizer}: the optimizer cannot change within "
+                          f"a run (its state means something else); resume with --train.optimizer={was}")
     if have != want:
         raise ConfigError(f"the checkpoint's AdamW state is {have} and this run asks for "
                           f"memory.optimizer_state={want}: the format cannot change within a run; "
