@@ -1,0 +1,96 @@
+"""The modern recipe as shipped: the built-in demo-modern and seed-77m-modern configs, the
+documented option set, a tiny CPU run of it, and bench/recipes.py's arithmetic."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from fitgpt.config.load import check, load_config, to_dict
+from fitgpt.data.shards import find_splits, read_shard, write_shard
+from fitgpt.train.trainer import run
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import recipes  # noqa: E402  (bench/recipes.py)
+
+# The modern recipe, as docs/performance.md ("Recipes") gives it.
+MODERN = {"model.position": "rotary", "model.qk_norm": True, "model.mlp": "relu2",
+          "model.norm": "rmsnorm", "model.tie_embeddings": False, "model.zero_init": True,
+          "model.logit_softcap": 15.0, "train.optimizer": "muon"}
+
+
+def differences(a: str, b: str) -> dict:
+    """Dotted key -> value in `b`, for every field in which built-in config b differs from a."""
+    da, db = to_dict(load_config(a, [])), to_dict(load_config(b, []))
+    return {f"{s}.{k}": v for s, fields in db.items() if isinstance(fields, dict)
+            for k, v in fields.items() if da[s][k] != v}
+
+
+@pytest.mark.parametrize("base, modern", [("demo", "demo-modern"), ("seed-77m", "seed-77m-modern")])
+def test_modern_configs_are_their_base_plus_the_documented_options(base, modern):
+    """Each modern built-in passes the checks and differs from its GPT-2 counterpart in exactly
+    the recipe's options: same size, data, batch, steps and learning rates."""
+    cfg = load_config(modern, [])
+    check(cfg)
+    assert cfg.name == modern
+    assert differences(base, modern) == MODERN
+
+
+def test_documented_recipe_is_the_shipped_one():
+    """docs/performance.md's Recipes table names every option of the recipe with its value."""
+    text = (ROOT / "docs" / "performance.md").read_text()
+    section = text.split("## Recipes", 1)[1].split("\n## ", 1)[0]
+    for key, value in MODERN.items():
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        assert re.search(rf"`{re.escape(key)}\s*=\s*\"?{re.escape(shown)}", section), key
+
+
+def test_modern_recipe_trains_on_the_cpu(shard_dir, tmp_path):
+    """2 layers, 32 wide: every modern option at once trains without error and the val loss falls."""
+    cfg = tiny_config(shard_dir, tmp_path / "runs", train__max_steps=12, eval__interval=6)
+    for key, value in MODERN.items():
+        sec, name = key.split(".")
+        setattr(getattr(cfg, sec), name, value)
+    s = run(cfg)
+    assert s["status"] == "completed" and s["steps"] == 12
+    assert s["val_loss"] < s["first_val_loss"] - 0.5
+
+
+def test_bench_variants_come_from_the_builtin_config():
+    """bench/recipes.py measures what ships: its modern variant is demo-modern's option set, and
+    each +KEY / modern-KEY variant adds or removes exactly one option."""
+    table = recipes.variants(None)
+    assert table["gpt2"] == []
+    shipped = {o.split("=")[0] for o in table["modern"]}
+    assert shipped == set(MODERN)
+    for key in MODERN:
+        name = key.split(".")[1]
+        assert len(table["+" + name]) == 1 and table["+" + name][0].startswith(key + "=")
+        assert len(table["modern-" + name]) == len(MODERN) - 1
+
+
+def test_tokens_to_target_interpolates_between_evaluations():
+    curve = [(0, 10.0), (100, 6.0), (200, 5.0), (300, 4.5)]
+    assert recipes.tokens_to(curve, 5.5) == pytest.approx(150.0)
+    assert recipes.tokens_to(curve, 5.0) == pytest.approx(200.0)
+    assert recipes.tokens_to(curve, 4.0) is None
+
+
+def test_compact_renumbers_densely_and_keeps_the_text(tmp_path):
+    """The benchmark's dense ids: same sequence, ids 0..n-1 in the original order of ids."""
+    src = tmp_path / "src"
+    src.mkdir()
+    val, train = np.array([50256, 7, 7, 900], np.uint16), np.array([900, 3, 50256], np.uint16)
+    write_shard(src / "x_val_000000.bin", val)
+    write_shard(src / "x_train_000001.bin", train)
+    n = recipes.compact(src, tmp_path / "dst")
+    assert n == 4
+    tr, va = find_splits(tmp_path / "dst")
+    assert read_shard(va[0]).tolist() == [3, 1, 1, 2]
+    assert read_shard(tr[0]).tolist() == [2, 0, 3]
