@@ -53,3 +53,40 @@ def tiny_config(data_dir, out_dir, **over) -> Config:
         sec, name = key.split("__")
         setattr(getattr(cfg, sec), name, value)
     return cfg
+
+
+def train_losses(run_dir) -> list[float]:
+    """The training losses a run wrote to its metrics.jsonl, in order."""
+    import json
+    from pathlib import Path
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def torchrun_train(config_path) -> None:
+    """`fitgpt train CONFIG` in 2 real gloo processes under torchrun; fails the test on a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fitgpt", "train", str(config_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def count_timeline_allocs(monkeypatch) -> list:
+    """Patch the planner's Timeline.alloc to append 1 to the returned list on every call."""
+    from fitgpt.planner.timeline import Timeline
+
+    calls: list = []
+    real = Timeline.alloc
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Timeline, "alloc", counting)
+    return calls

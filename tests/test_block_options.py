@@ -12,7 +12,8 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import tiny_config, torchrun_train
+from conftest import train_losses as losses
 
 from fitgpt.cli.main import main
 from fitgpt.config.load import check, to_toml
@@ -185,10 +186,6 @@ def test_resume_is_bit_identical_and_refuses_a_switched_option(shard_dir, tmp_pa
             resume_config(str(part), None, [change, "--train.max_steps=4"], [])
     assert main(["train", "--resume", str(part), "--train.max_steps=4"]) == 0
 
-    def losses(run_dir):
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
-
     whole = tmp_path / "out" / "run"
     assert len(losses(whole)) == 4 and losses(whole) == losses(part)
 
@@ -264,9 +261,6 @@ def test_the_grid_can_fail_the_options_change_the_measured_peak():
 def test_ddp_and_fsdp2_with_every_option_equal_one_process(shard_dir, tmp_path):
     """2 CPU ranks (gloo, torchrun) with the options on follow one process's losses: DDP, and
     FSDP2 with the untied head in the root's shard group."""
-    import os
-    import subprocess
-    import sys
 
     opts = dict(model__mlp="relu2", model__norm="rmsnorm", model__tie_embeddings=False,
                 model__zero_init=True, model__logit_softcap=15.0, train__max_steps=3,
@@ -275,21 +269,13 @@ def test_ddp_and_fsdp2_with_every_option_equal_one_process(shard_dir, tmp_path):
     single.write_text(to_toml(tiny_config(shard_dir, tmp_path / "one", **opts)))
     assert main(["train", str(single)]) == 0
 
-    def losses(run_dir):
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
-
     want = losses(tmp_path / "one" / "run")
     for mode in ("ddp", "fsdp"):
         cfg = tiny_config(shard_dir, tmp_path / mode, **opts)
         cfg.parallel.mode = mode
         path = tmp_path / f"{mode}.toml"
         path.write_text(to_toml(cfg))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "fitgpt", "train", str(path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        torchrun_train(path)
         got = losses(tmp_path / mode / "run")
         assert len(got) == 3 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want)), (mode, got, want)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import count_timeline_allocs
 
 from fitgpt.config.schema import Config
 from fitgpt.eval.evaluate import evaluate
@@ -15,7 +16,7 @@ from fitgpt.model.shape import ModelShape
 from fitgpt.planner import blocks
 from fitgpt.planner.estimate import CUDA_CONTEXT, estimate
 from fitgpt.planner.gpus import cublas_workspace, find_gpu
-from fitgpt.planner.timeline import Timeline, r
+from fitgpt.planner.timeline import r
 from fitgpt.planner.tracker import StorageTracker, rounded
 from fitgpt.train.step import train_step
 
@@ -289,14 +290,7 @@ def test_planner_cost_does_not_grow_with_the_model_or_the_batch(monkeypatch):
     """Closed forms, not loops over loss chunks, layers or parameters: a 4-layer model at
     micro-batch 8 and a 10^7-layer model at micro-batch 10^12 cost the planner the same number
     of timeline operations (before, --train.batch_size=10**12 looped over 10^12 x 4 chunks)."""
-    calls = []
-    real = Timeline.alloc
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Timeline, "alloc", counting)
+    calls = count_timeline_allocs(monkeypatch)
     counts = []
     for L, b in ((4, 8), (10**7, 10**12)):
         cfg = make_cfg(L, 64, 4, 8192, 64, b, 2, "chunked", True, True, 8, None, dropout=0.1)

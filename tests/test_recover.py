@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tokens, tiny_config
+from conftest import train_losses as losses
 
 from fitgpt.cli.main import main
 from fitgpt.config.load import to_toml
@@ -36,11 +37,6 @@ def assert_params_close(a, b, rel=1e-6):
     for k in a:
         scale = a[k].abs().max().clamp(min=1e-12)
         assert ((a[k] - b[k]).abs().max() / scale).item() <= rel, k
-
-
-def losses(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
 def test_train_oom_backs_off_to_the_same_result(shard_dir, tmp_path, monkeypatch):

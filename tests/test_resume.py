@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 from conftest import tiny_config
+from conftest import train_losses as losses
 
 from fitgpt.cli.main import main
 from fitgpt.config.load import to_toml
@@ -33,10 +33,6 @@ def test_resume_takes_dashed_override_keys(shard_dir, tmp_path):
 
     assert main(["train", "--resume", str(first), "--train.max_steps=4"]) == 0
     assert main(["train", "--resume", str(second), "--train.max-steps=4"]) == 0
-
-    def losses(run_dir):
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
     assert load_checkpoint(first)["step"] == load_checkpoint(second)["step"] == 4
     assert len(losses(first)) == 4 and losses(first) == losses(second)

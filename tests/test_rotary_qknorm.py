@@ -5,11 +5,10 @@ predicts their memory within 3 % of the CPU storage tracker, and what is refused
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import tiny_config
+from conftest import train_losses as losses
 
 from fitgpt.cli.main import main
 from fitgpt.config.load import check, to_dict, to_toml
@@ -175,10 +174,6 @@ def test_resume_is_bit_identical_and_refuses_another_position(shard_dir, tmp_pat
         with pytest.raises(ConfigError, match=change.split("=")[0][2:]):
             resume_config(str(part), None, [change, "--train.max_steps=4"], [])
     assert main(["train", "--resume", str(part), "--train.max_steps=4"]) == 0
-
-    def losses(run_dir):
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
     assert len(losses(whole)) == 4 and losses(whole) == losses(part)
     assert main(["eval", "--ckpt", str(part), "--eval.tokens=64"]) == 0

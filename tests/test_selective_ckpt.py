@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import count_timeline_allocs, tiny_config, torchrun_train
+from conftest import train_losses as losses
 from test_estimate import DTYPES, make_cfg, measure
 
 from fitgpt.config.load import check, to_toml
@@ -29,7 +30,6 @@ from fitgpt.planner.blocks import pow2
 from fitgpt.planner.estimate import estimate, train_timeline
 from fitgpt.planner.gpus import find_gpu, host_link
 from fitgpt.planner.stack import checkpointed_blocks, runs
-from fitgpt.planner.timeline import Timeline
 from fitgpt.planner.tracker import StorageTracker
 from fitgpt.train.step import train_step
 
@@ -119,14 +119,7 @@ def test_planner_cost_does_not_grow_with_checkpoint_every(monkeypatch):
     """A 40-layer model checkpointing every 8th block and a 10^7-layer one every 10^6-th cost
     the planner the same number of timeline operations (periods and the saving blocks inside
     them are each replayed as first, middle, last)."""
-    calls = []
-    real = Timeline.alloc
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Timeline, "alloc", counting)
+    calls = count_timeline_allocs(monkeypatch)
     counts = []
     for L, k in ((40, 8), (10**7, 10**6)):
         cfg = cfg_of(L, k, C=32, V=512, T=32, b=2)
@@ -402,9 +395,6 @@ def test_checkpoint_every_under_fsdp2_and_ddp(shard_dir, tmp_path, mode):
     checkpointing wrapped, and DDP reduces gradients that recomputed blocks produce late: with
     every other block checkpointed, 2 CPU ranks train with the losses of one process without
     checkpointing."""
-    import os
-    import subprocess
-    import sys
 
     if mode == "fsdp":
         fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -419,14 +409,6 @@ def test_checkpoint_every_under_fsdp2_and_ddp(shard_dir, tmp_path, mode):
     cfg.parallel.mode = mode
     path = tmp_path / "fsdp.toml"
     path.write_text(to_toml(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fitgpt", "train", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def losses(run_dir):
-        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-        return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+    torchrun_train(path)
 
     np.testing.assert_allclose(losses(tmp_path / "fsdp" / "run"), losses(single["run_dir"]), rtol=1e-5)
