@@ -209,3 +209,14 @@ def test_byte_sizes_beyond_gib_use_larger_units():
     assert fmt_bytes(1.5 * 2**40) == "1.50 TiB"
     assert fmt_bytes(3 * 2**50) == "3.00 PiB"
     assert fmt_bytes(2**30) == "1.00 GiB"
+
+
+@pytest.mark.parametrize("log_interval, eval_interval", [(100, 3), (4, 3)])
+def test_throughput_counts_every_timed_step(shard_dir, tmp_path, log_interval, eval_interval):
+    """summary.json's tokens/s covers the steps after the last log line and those cut short by an
+    evaluation: a log interval longer than the run once left it empty (None)."""
+    cfg = tiny_config(shard_dir, tmp_path / "runs", train__max_steps=7, log__interval=log_interval,
+                      eval__interval=eval_interval)
+    s = run(cfg)
+    assert s["status"] == "completed"
+    assert s["tokens_per_second"] is not None and s["tokens_per_second"] > 0

@@ -297,6 +297,7 @@ class Trainer:
 
     def evaluate(self, last_step: bool) -> bool:
         """Evaluate, record, and save after it (see after_eval). False when the run must stop."""
+        self.clock.lap(self.stats, self.cfg.tokens_per_step)  # steps since the last log line count
         res = self._eval_with_backoff(measure=self.trained_steps > 0 or self.cfg.train.eval_only)
         report.record_eval(self.state, self.stats, res, self.log, self.wandb_run)
         if not self.after_eval(res, last_step):
@@ -449,6 +450,7 @@ class Trainer:
                            f"free space, then resume with: fitgpt train --resume {run_dir}")
         if status == "stopped":
             self.log.info(f"stopped at step {state.step}; resume with: fitgpt train --resume {run_dir}")
+        self.clock.lap(self.stats, cfg.tokens_per_step)  # steps after the last log line or evaluation
         summary = report.summary(cfg, state, self.stats, self.rt, run_dir, status, untracked=self.cpu_fsdp)
         if self.world.is_main:
             if cfg.eval.sample_tokens and status == "completed" and not self.training.fsdp:
