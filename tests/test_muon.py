@@ -97,6 +97,17 @@ def test_a_tiny_muon_run_learns(shard_dir, tmp_path):
     assert muon["val_loss"] != adamw["val_loss"]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_muon_learns_in_16_bit(shard_dir, tmp_path, dtype):
+    """float16 (the seed's dtype, so seed-77m-modern's) trains through the gradient scaler, whose
+    unscale and inf check cover Muon's matrices and AdamW's parameters alike (one optimizer
+    object holds both groups); bfloat16 without it. Both learn."""
+    s = run(tiny_config(shard_dir, tmp_path / dtype, train__max_steps=20, train__lr_decay_steps=20,
+                        eval__interval=20, memory__track=False, train__dtype=dtype, **MUON))
+    assert s["status"] == "completed" and s["steps"] == 20
+    assert s["first_val_loss"] - s["val_loss"] > 0.8, s
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -258,3 +269,23 @@ def test_muon_ddp_two_ranks_equal_one_process(shard_dir, tmp_path):
     np.testing.assert_allclose(records(two, "eval", "val_loss"),
                                records(Path(single["run_dir"]), "eval", "val_loss"), rtol=1e-4)
     assert load_checkpoint(two)[optim.FORMAT_KEY] == "muon"
+
+
+def test_auto_fit_never_picks_a_lever_muon_refuses():
+    """GPT-2 774M on a 12 GB card fits with AdamW only through optimizer offload; with Muon the
+    planner must not pick it (the run would refuse it): it stops with one message that names
+    each optimizer lever's refusal and suggests a smaller model."""
+    from fitgpt.config.load import load_config
+    from fitgpt.planner.fit import auto_fit
+    from fitgpt.planner.gpus import GPUS
+
+    card = next(g for g in GPUS if g.key == "rtx4070")
+    adamw, _ = auto_fit(load_config("gpt2-774m", []), card.memory, 0.1, gpu=card)
+    assert adamw.memory.offload_optimizer
+    with pytest.raises(ConfigError) as e:
+        auto_fit(load_config("gpt2-774m", ["--train.optimizer=muon"]), card.memory, 0.1, gpu=card)
+    msg = str(e.value)
+    assert "\n" not in msg and "nothing fits" in msg and "smaller model" in msg
+    for lever in ("8-bit AdamW state not possible here: train.optimizer=muon",
+                  "optimizer offload not possible here: train.optimizer=muon"):
+        assert lever in msg

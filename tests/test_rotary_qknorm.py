@@ -144,7 +144,8 @@ def test_export_refuses_rotary_and_qk_norm_with_one_line(tmp_path):
         cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = 1, 2, 32
         with pytest.raises(ExportError, match=name) as e:
             export_hf(cfg, m.state_dict(), tmp_path / name)
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and "demo-gpt2" in str(e.value)  # and what exports instead
+        assert not (tmp_path / name).exists()  # nothing half-written
 
 
 def test_odd_head_size_is_refused_with_rotary():

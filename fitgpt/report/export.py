@@ -97,8 +97,9 @@ def hf_state_dict(sd: dict, cfg) -> dict:
 
     m = cfg.model
     why = attention_option_refusal(m) or block_option_refusal(m)
-    if why:
-        raise ExportError(why)
+    if why:  # the option is in the trained weights: only a model trained without it exports
+        raise ExportError(f"{why}; a model trained without it exports (the built-in demo-gpt2 is the "
+                          f"demo with GPT-2's recipe)")
     C, V = m.n_embd, m.vocab_size
     expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
                 "lm_head.weight"} | ({"transformer.ln_f.bias"} if m.bias else set())
