@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config("demo", ["--train.device=cpu"])
+    cfg = load_config("demo-gpt2", ["--train.device=cpu"])
     model = build_model(cfg, torch.device("cpu"))
     x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.block_size))
     dtypes = a.dtypes.split(",")

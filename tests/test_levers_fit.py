@@ -179,7 +179,10 @@ def test_activation_offload_adds_its_copies_to_the_step():
 
 # ----------------------------------------------------------------------------- fitgpt train
 
-TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32",
+# AdamW: the levers below (8-bit state, offload, fused backward) are AdamW's; the default demo's
+# Muon refuses them (tests/test_muon.py), and auto-fit then leaves them out.
+TINY = ["--train.optimizer=adamw",
+        "--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=32",
         "--model.vocab_size=256", "--train.device=cpu", "--train.dtype=float32",
         "--train.batch_size=4", "--train.grad_accum=2", "--eval.batch_size=5",
         "--memory.loss_chunk=48", "--eval.sample_tokens=0"]

@@ -213,9 +213,9 @@ def test_offload_is_refused_where_it_cannot_run(over, words):
     """memory.offload_optimizer needs one CUDA process in bfloat16: anything else is a one-line
     ConfigError when the config is read (and from the planner for a CPU)."""
     with pytest.raises(ConfigError, match=words) as e:
-        load_config("demo", ["--memory.offload_optimizer=true", *over])
+        load_config("demo-gpt2", ["--memory.offload_optimizer=true", *over])
     assert "\n" not in str(e.value) and "--memory.offload_optimizer=false" in str(e.value)
-    ok = load_config("demo", ["--memory.offload_optimizer=true", "--train.device=auto", "--train.dtype=auto"])
+    ok = load_config("demo-gpt2", ["--memory.offload_optimizer=true", "--train.device=auto", "--train.dtype=auto"])
     with pytest.raises(ConfigError, match="nothing to offload to"):
         estimate(ok, "cpu")  # train.device=auto found no CUDA card
     assert optimizer_refusal(ok, "cuda", "bfloat16", 1) is None
@@ -223,7 +223,7 @@ def test_offload_is_refused_where_it_cannot_run(over, words):
 
 
 def test_8bit_is_refused_under_fsdp_and_on_mps():
-    cfg = load_config("demo", [])
+    cfg = load_config("demo-gpt2", [])
     cfg.memory.optimizer_state = "8bit"
     cfg.parallel.nproc, cfg.parallel.mode = 2, "fsdp"
     with pytest.raises(ConfigError, match="parallel.mode=fsdp"):

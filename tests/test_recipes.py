@@ -1,5 +1,6 @@
-"""The modern recipe as shipped: the built-in demo-modern and seed-77m-modern configs, the
-documented option set, a tiny CPU run of it, and bench/recipes.py's arithmetic."""
+"""The modern recipe as shipped: the built-in demo (the default) and seed-77m-modern configs
+against demo-gpt2 and seed-77m, the documented option set, a tiny CPU run of every speedrun
+option at once, and bench/recipes.py's variants and arithmetic."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import recipes  # noqa: E402  (bench/recipes.py)
 
-# The modern recipe, as docs/performance.md ("Recipes") gives it.
-MODERN = {"model.position": "rotary", "model.qk_norm": True, "model.mlp": "relu2",
-          "model.norm": "rmsnorm", "model.tie_embeddings": False, "model.zero_init": True,
-          "model.logit_softcap": 15.0, "train.optimizer": "muon"}
+# The modern recipe, as docs/performance.md ("Recipes") gives it, and every option of the
+# speedrun records that fitgpt has (the modern recipe keeps those that measured better).
+MODERN = {"model.position": "rotary", "model.qk_norm": True, "model.tie_embeddings": False,
+          "train.optimizer": "muon"}
+SPEEDRUN = {**MODERN, "model.mlp": "relu2", "model.norm": "rmsnorm", "model.zero_init": True,
+            "model.logit_softcap": 15.0}
 
 
 def differences(a: str, b: str) -> dict:
@@ -32,7 +35,7 @@ def differences(a: str, b: str) -> dict:
             for k, v in fields.items() if da[s][k] != v}
 
 
-@pytest.mark.parametrize("base, modern", [("demo", "demo-modern"), ("seed-77m", "seed-77m-modern")])
+@pytest.mark.parametrize("base, modern", [("demo-gpt2", "demo"), ("seed-77m", "seed-77m-modern")])
 def test_modern_configs_are_their_base_plus_the_documented_options(base, modern):
     """Each modern built-in passes the checks and differs from its GPT-2 counterpart in exactly
     the recipe's options: same size, data, batch, steps and learning rates."""
@@ -43,18 +46,22 @@ def test_modern_configs_are_their_base_plus_the_documented_options(base, modern)
 
 
 def test_documented_recipe_is_the_shipped_one():
-    """docs/performance.md's Recipes table names every option of the recipe with its value."""
+    """docs/performance.md's Recipes table names every speedrun option with its value, and says
+    which are in the modern recipe."""
     text = (ROOT / "docs" / "performance.md").read_text()
     section = text.split("## Recipes", 1)[1].split("\n## ", 1)[0]
-    for key, value in MODERN.items():
+    for key in SPEEDRUN:
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{key}"))
+        assert ("| yes |" in row) == (key in MODERN), row
+    for key, value in SPEEDRUN.items():
         shown = str(value).lower() if isinstance(value, bool) else str(value)
         assert re.search(rf"`{re.escape(key)}\s*=\s*\"?{re.escape(shown)}", section), key
 
 
 def test_modern_recipe_trains_on_the_cpu(shard_dir, tmp_path):
-    """2 layers, 32 wide: every modern option at once trains without error and the val loss falls."""
+    """2 layers, 32 wide: every speedrun option at once trains without error and the val loss falls."""
     cfg = tiny_config(shard_dir, tmp_path / "runs", train__max_steps=12, eval__interval=6)
-    for key, value in MODERN.items():
+    for key, value in SPEEDRUN.items():
         sec, name = key.split(".")
         setattr(getattr(cfg, sec), name, value)
     s = run(cfg)
@@ -63,16 +70,21 @@ def test_modern_recipe_trains_on_the_cpu(shard_dir, tmp_path):
 
 
 def test_bench_variants_come_from_the_builtin_config():
-    """bench/recipes.py measures what ships: its modern variant is demo-modern's option set, and
-    each +KEY / modern-KEY variant adds or removes exactly one option."""
+    """bench/recipes.py measures what ships: its modern variant is the demo's option set, and
+    each +KEY / modern-KEY variant adds or removes exactly one option; chains compose."""
     table = recipes.variants(None)
     assert table["gpt2"] == []
-    shipped = {o.split("=")[0] for o in table["modern"]}
-    assert shipped == set(MODERN)
-    for key in MODERN:
+    assert {o.split("=")[0] for o in table["modern"]} == set(MODERN)
+    assert {o.split("=")[0] for o in table["speedrun"]} == set(SPEEDRUN)
+    for key in SPEEDRUN:
         name = key.split(".")[1]
         assert len(table["+" + name]) == 1 and table["+" + name][0].startswith(key + "=")
-        assert len(table["modern-" + name]) == len(MODERN) - 1
+        assert (("modern-" + name) in table) == (key in MODERN)
+    for key in MODERN:
+        assert len(table["modern-" + key.split(".")[1]]) == len(MODERN) - 1
+    chain = recipes.variants(["+position+optimizer", "modern-qk_norm+mlp"])
+    assert chain["+position+optimizer"] == ["model.position=rotary", "train.optimizer=muon"]
+    assert set(chain["modern-qk_norm+mlp"]) == set(table["modern"]) - {"model.qk_norm=true"} | {"model.mlp=relu2"}
 
 
 def test_tokens_to_target_interpolates_between_evaluations():
