@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fitgpt.config.load import load_config, to_dict  # noqa: E402
 
 OPTIONS = {"model": ("position", "qk_norm", "mlp", "norm", "tie_embeddings", "zero_init", "logit_softcap"),
-           "train": ("optimizer", "muon_lr", "muon_momentum")}
+           "train": ("optimizer", "muon_lr", "muon_momentum", "muon_momentum_warmup")}
 
 
 SPEEDRUN_EXTRA = ["--model.mlp=relu2", "--model.norm=rmsnorm", "--model.zero_init=true",

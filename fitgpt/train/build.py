@@ -88,6 +88,11 @@ class Training:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
+    def set_momentum(self, momentum: float) -> None:
+        """Muon's momentum this step (train.muon_momentum_warmup); nothing for AdamW."""
+        if hasattr(self.optimizer, "set_momentum"):
+            self.optimizer.set_momentum(momentum)
+
     def evaluate(self, val, batch_size: int, step: int = 0, vocab: int | None = None) -> EvalResult:
         """One pass over the validation windows `val` (fitgpt.eval.evaluate) with `eval_model`."""
         return evaluate(self.eval_model, val, batch_size, self.rt, step=step, vocab=vocab, faults=self.faults)

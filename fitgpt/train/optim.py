@@ -85,6 +85,7 @@ def _muon(cfg: Config, model: torch.nn.Module, rt: Runtime):
     """Muon for the blocks' 2-D matrices, AdamW (fused on CUDA, train.weight_decay on its
     matrices only) for the rest (fitgpt.train.optim_muon says why each setting)."""
     from fitgpt.train.optim_muon import MuonAdamW, muon_param_names
+    from fitgpt.train.step import momentum_at
 
     t = cfg.train
     names = set(muon_param_names(model))
@@ -92,7 +93,7 @@ def _muon(cfg: Config, model: torch.nn.Module, rt: Runtime):
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     muon = [p for n, p in model.named_parameters() if n in names]
-    return MuonAdamW(muon, groups, lr=t.lr, muon_lr=t.muon_lr, momentum=t.muon_momentum,
+    return MuonAdamW(muon, groups, lr=t.lr, muon_lr=t.muon_lr, momentum=momentum_at(0, cfg),
                      betas=(t.beta1, t.beta2), fused=rt.device_type == "cuda")
 
 

@@ -14,8 +14,10 @@ The recipe (Keller Jordan's Muon and modded-nanogpt's records; nanochat's base t
   at lr 6e-4: a different regulariser, not the same one. AdamW keeps train.weight_decay on its
   matrices (the embeddings, an untied head) and none on vectors, as with train.optimizer=adamw.
 - One schedule shape: `set_lr(lr)` gives AdamW lr and Muon lr x muon_lr / train.lr, so both warm
-  up and decay together (to train.min_lr's fraction). Muon's momentum is constant (modded-nanogpt
-  warms it from 0.85 to 0.95 over the first 300 steps; left out to keep one schedule).
+  up and decay together (to train.min_lr's fraction). Muon's momentum is constant unless
+  train.muon_momentum_warmup > 0: then `set_momentum` (each step, from
+  fitgpt.train.step.momentum_at) raises it from 0.85, as modded-nanogpt and nanochat do over
+  their first 300 steps.
 
 The two optimizers share this object's `state` (disjoint parameters) and `param_groups` (the
 same dicts, Muon's first): `step` runs Muon, then AdamW.
@@ -64,6 +66,11 @@ class MuonAdamW(torch.optim.Optimizer):
         """The scheduled learning rate: AdamW's groups get lr, Muon's lr x muon_lr / train.lr."""
         for g, ratio in zip(self.param_groups, self.ratios):
             g["lr"] = lr * ratio
+
+    def set_momentum(self, momentum: float) -> None:
+        """Muon's momentum this step (its groups only; AdamW's betas stay)."""
+        for g in self.muon.param_groups:
+            g["momentum"] = momentum
 
     @torch.no_grad()
     def step(self, closure=None):

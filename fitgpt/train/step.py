@@ -20,7 +20,9 @@ from fitgpt.train.faults import NO_FAULTS, Faults
 from fitgpt.train.fused import FusedBackward
 from fitgpt.train.guard import grad_norm
 
-__all__ = ["host_values", "lr_at", "train_step"]
+__all__ = ["host_values", "lr_at", "momentum_at", "train_step"]
+
+MOMENTUM_START = 0.85  # Muon's momentum at step 0 with train.muon_momentum_warmup (the sources' value)
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -35,6 +37,15 @@ def lr_at(step: int, cfg: Config) -> float:
         return t.min_lr
     ratio = (step - t.warmup_steps) / max(1, decay - t.warmup_steps)
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.lr - t.min_lr)
+
+
+def momentum_at(step: int, cfg: Config) -> float:
+    """Muon's momentum at `step`: linear from MOMENTUM_START to train.muon_momentum over
+    train.muon_momentum_warmup steps, then constant (from the start when the warm-up is 0)."""
+    t = cfg.train
+    if step >= t.muon_momentum_warmup:
+        return t.muon_momentum
+    return MOMENTUM_START + (t.muon_momentum - MOMENTUM_START) * step / t.muon_momentum_warmup
 
 
 def host_values(t: torch.Tensor) -> list[float]:

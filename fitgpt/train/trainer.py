@@ -43,7 +43,7 @@ from fitgpt.train.measure import Meter
 from fitgpt.train.recover import attempt, best_suggestion, release
 from fitgpt.train.rng import rng_restore, rng_snapshot
 from fitgpt.train.state import RunStats, TrainState
-from fitgpt.train.step import lr_at
+from fitgpt.train.step import lr_at, momentum_at
 
 __all__ = ["OutOfMemory", "Trainer", "run"]
 
@@ -233,6 +233,8 @@ class Trainer:
         cfg, state = self.cfg, self.state
         lr = lr_at(state.step, cfg)
         self.training.set_lr(lr)
+        if cfg.train.muon_momentum_warmup:
+            self.training.set_momentum(momentum_at(state.step, cfg))
         t0 = time.perf_counter()
         loss, norm, skipped = self._step_with_backoff()
         state.step += 1
