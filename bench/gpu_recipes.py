@@ -1,8 +1,8 @@
 """GPT-2 124M on FineWeb, both recipes, on one CUDA card: val loss against tokens and wall time.
 
 Needs a prepared FineWeb slice (on a machine with network: `fitgpt prepare fineweb --tokens
-200M OUT`; carry OUT to the GPU machine). Trains `gpt2-124m` twice for the same steps and
-tokens: as shipped (GPT-2's recipe), with the modern options of the built-in `demo` config (read
+200M --out OUT`; carry OUT to the GPU machine). Trains `gpt2-124m` three times for the same
+steps and tokens: as shipped (GPT-2's recipe), with the modern options of the built-in `demo` config (read
 from it, so this measures what ships: rotary, QK-norm, untied head, Muon), and with every
 speedrun option fitgpt has (modern plus ReLU^2, RMSNorm, zero-init and the soft cap, which the
 CPU benchmark at the demo's scale did not support; 124M is where the sources measured them),
