@@ -24,6 +24,7 @@ from fitgpt.model.runtime import Runtime, build_model
 from fitgpt.planner.activations import recompute_fraction
 from fitgpt.planner.estimate import estimate
 from fitgpt.planner.tracker import StorageTracker
+from fitgpt.planner.verify import SyntheticBatches
 from fitgpt.train.step import train_step
 
 
@@ -44,23 +45,19 @@ def measure(cfg: Config, repeats: int) -> tuple[int, float]:
     torch.manual_seed(0)
     model = build_model(cfg, torch.device("cpu"))
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
-    V, b, T = cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size
-
-    class Batches:
-        def next_batch(self):
-            return torch.randint(0, V, (b, T)), torch.randint(0, V, (b, T))
+    batches = SyntheticBatches(cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size)
 
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step(model, opt, scaler, Batches(), 1, 1.0, rt)  # AdamW state exists from here on
+    train_step(model, opt, scaler, batches, 1, 1.0, rt)  # AdamW state exists from here on
     tracker = StorageTracker("cpu")
     tracker.add(model)
     tracker.add(opt)
     with tracker:
-        train_step(model, opt, scaler, Batches(), 1, 1.0, rt)
+        train_step(model, opt, scaler, batches, 1, 1.0, rt)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        train_step(model, opt, scaler, Batches(), 1, 1.0, rt)
+        train_step(model, opt, scaler, batches, 1, 1.0, rt)
         times.append(time.perf_counter() - t0)
     return tracker.peak, statistics.median(times)
 

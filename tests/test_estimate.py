@@ -18,6 +18,7 @@ from fitgpt.planner.estimate import CUDA_CONTEXT, estimate
 from fitgpt.planner.gpus import cublas_workspace, find_gpu
 from fitgpt.planner.timeline import r
 from fitgpt.planner.tracker import StorageTracker, rounded
+from fitgpt.planner.verify import SyntheticBatches
 from fitgpt.train.step import train_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,22 +43,19 @@ def measure(cfg: Config, dtype: str) -> tuple[int, int]:
     torch.manual_seed(0)
     model = build_model(cfg, torch.device("cpu"))
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
-    V, b, T = cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size
-
-    class Batches:
-        def next_batch(self):
-            return torch.randint(0, V, (b, T)), torch.randint(0, V, (b, T))
+    batches = SyntheticBatches(cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size)
 
     class Val:
         def batches(self, bs):
             for _ in range(2):
                 shape = (bs, cfg.eval_block_size)
-                yield torch.randint(0, V, shape), torch.randint(0, V, shape)
+                yield (torch.randint(0, cfg.model.vocab_size, shape),
+                       torch.randint(0, cfg.model.vocab_size, shape))
 
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step(model, opt, scaler, Batches(), cfg.train.grad_accum, 1.0, rt)
+    train_step(model, opt, scaler, batches, cfg.train.grad_accum, 1.0, rt)
     peaks = []
-    for fn in (lambda: train_step(model, opt, scaler, Batches(), cfg.train.grad_accum, 1.0, rt),
+    for fn in (lambda: train_step(model, opt, scaler, batches, cfg.train.grad_accum, 1.0, rt),
                lambda: evaluate(model, Val(), cfg.eval_batch_size, rt)):
         tracker = StorageTracker("cpu")
         tracker.add(model)

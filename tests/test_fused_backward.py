@@ -8,12 +8,9 @@ and be predicted by the planner within 3 % of the storage tracker (the `plan --v
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, train_losses
 
 from fitgpt.config.levers import fused_backward_refusal
 from fitgpt.config.load import load_config
@@ -182,10 +179,6 @@ def test_run_refuses_clipping_before_building(shard_dir, tmp_path):
         run(tiny_config(shard_dir, tmp_path, memory__fused_backward=True))
 
 
-def _train_losses(run_dir) -> list[float]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
-
 
 def test_training_run_reaches_the_same_val_loss(shard_dir, tmp_path):
     """Learning equivalence through `fitgpt train`'s own loop (schedule, accumulation 2,
@@ -194,7 +187,7 @@ def test_training_run_reaches_the_same_val_loss(shard_dir, tmp_path):
     plain = run(tiny_config(shard_dir, tmp_path / "a", **common))
     fused = run(tiny_config(shard_dir, tmp_path / "b", **common, memory__fused_backward=True))
     assert fused["val_loss"] == plain["val_loss"] < plain["first_val_loss"] - 0.5
-    assert _train_losses(plain["run_dir"]) == _train_losses(fused["run_dir"])
+    assert train_losses(plain["run_dir"]) == train_losses(fused["run_dir"])
 
 
 @pytest.mark.parametrize("first, second", [(False, True), (True, False)])
@@ -217,7 +210,7 @@ def test_resume_switching_fused_backward_is_exact(first, second, shard_dir, tmp_
     groups = [[{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}  # betas: a list once
                for g in d["optimizer"]["param_groups"]] for d in (a, b)]  # loaded (either way)
     assert groups[0] == groups[1]
-    assert _train_losses(tmp_path / "a" / "run") == _train_losses(run_dir)
+    assert train_losses(tmp_path / "a" / "run") == train_losses(run_dir)
 
 
 def test_oom_before_any_update_backs_off_exactly(shard_dir, tmp_path, monkeypatch):
@@ -228,7 +221,7 @@ def test_oom_before_any_update_backs_off_exactly(shard_dir, tmp_path, monkeypatc
     monkeypatch.delenv("FITGPT_FAULT")
     b = run(tiny_config(shard_dir, tmp_path / "b", train__max_steps=3, memory__micro_split=2, **FUSED))
     assert a["backoff"]["micro_split"] == 2
-    assert _train_losses(a["run_dir"]) == _train_losses(b["run_dir"])
+    assert train_losses(a["run_dir"]) == train_losses(b["run_dir"])
     pa, pb = load_checkpoint(a["run_dir"])["model"], load_checkpoint(b["run_dir"])["model"]
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 

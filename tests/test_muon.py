@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, train_losses
 
 from fitgpt.cli.main import main
 from fitgpt.config.levers import fused_backward_refusal, optimizer_refusal
@@ -51,10 +51,6 @@ def _cfg(dtype: str = "float32", loss: str = "chunked", ckpt: bool = False, C: i
     check(cfg)
     return cfg
 
-
-def _train_losses(run_dir) -> list[float]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -120,7 +116,7 @@ def test_momentum_warmup_rises_to_muon_momentum_and_resumes_bit_identically(shar
     run(tiny_config(shard_dir, tmp_path / "b", **{**common, "train__max_steps": 3}))
     again, ckpt, run_dir = resume_config(str(tmp_path / "b" / "run"), None, ["--train.max_steps=6"], [])
     assert run(again, ckpt=ckpt, run_dir=run_dir)["val_loss"] == full["val_loss"]
-    assert _train_losses(tmp_path / "x" / "run") == _train_losses(run_dir)
+    assert train_losses(tmp_path / "x" / "run") == train_losses(run_dir)
     groups = load_checkpoint(run_dir)["optimizer"]["param_groups"]
     assert [g.get("momentum") for g in groups][:1] == [0.95] and "momentum" not in groups[-1]
     flat = run(tiny_config(shard_dir, tmp_path / "c", **{**common, "train__muon_momentum_warmup": 0}))
@@ -149,7 +145,7 @@ def test_muon_resume_is_bit_identical_and_the_other_optimizer_is_refused(shard_d
     for name in sa:
         for key in sa[name]:
             assert torch.equal(sa[name][key], sb[name][key]), (name, key)
-    assert _train_losses(tmp_path / "a" / "run") == _train_losses(run_dir)
+    assert train_losses(tmp_path / "a" / "run") == train_losses(run_dir)
 
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "a" / "run"), "--train.max_steps=8",

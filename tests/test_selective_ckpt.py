@@ -31,6 +31,7 @@ from fitgpt.planner.estimate import estimate, train_timeline
 from fitgpt.planner.gpus import find_gpu, host_link
 from fitgpt.planner.stack import checkpointed_blocks, runs
 from fitgpt.planner.tracker import StorageTracker
+from fitgpt.planner.verify import SyntheticBatches
 from fitgpt.train.step import train_step
 
 
@@ -135,16 +136,11 @@ def _losses(cfg, steps=4, wrap=None):
     if wrap:
         wrap(model)
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
-    gen = torch.Generator().manual_seed(1)
-    V, b, T = cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size
-
-    class Batches:
-        def next_batch(self):
-            return torch.randint(0, V, (b, T), generator=gen), torch.randint(0, V, (b, T), generator=gen)
+    batches = SyntheticBatches(cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size, seed=1)
 
     rt, scaler = Runtime(torch.device("cpu"), torch.float32), torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(123)  # dropout's random numbers
-    return [train_step(model, opt, scaler, Batches(), 1, 1.0, rt)[0].item() for _ in range(steps)]
+    return [train_step(model, opt, scaler, batches, 1, 1.0, rt)[0].item() for _ in range(steps)]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -236,20 +232,16 @@ def measure_offload(cfg, dtype, min_bytes):
     host = NumpyHost()
     apply_activation_offload(model, host, min_bytes)
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
-    V, b, T = cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size
-
-    class Batches:
-        def next_batch(self):
-            return torch.randint(0, V, (b, T)), torch.randint(0, V, (b, T))
+    batches = SyntheticBatches(cfg.model.vocab_size, cfg.train.batch_size, cfg.model.block_size)
 
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step(model, opt, scaler, Batches(), cfg.train.grad_accum, 1.0, rt)
+    train_step(model, opt, scaler, batches, cfg.train.grad_accum, 1.0, rt)
     tracker = StorageTracker("cpu")
     tracker.add(model)
     tracker.add(opt)
     host.moved = 0
     with tracker:
-        train_step(model, opt, scaler, Batches(), cfg.train.grad_accum, 1.0, rt)
+        train_step(model, opt, scaler, batches, cfg.train.grad_accum, 1.0, rt)
     return tracker.peak, host.moved
 
 
