@@ -39,14 +39,21 @@ def assert_params_close(a, b, rel=1e-6):
         assert ((a[k] - b[k]).abs().max() / scale).item() <= rel, k
 
 
-def test_train_oom_backs_off_to_the_same_result(shard_dir, tmp_path, monkeypatch):
+# The modern recipe and every other speedrun option (docs/performance.md, "Recipes").
+MODERN = dict(model__position="rotary", model__qk_norm=True, model__tie_embeddings=False, model__mlp="relu2",
+              model__norm="rmsnorm", model__zero_init=True, model__logit_softcap=15.0,
+              train__optimizer="muon", train__muon_momentum_warmup=2)
+
+
+@pytest.mark.parametrize("recipe", [{}, MODERN], ids=["gpt2", "modern"])
+def test_train_oom_backs_off_to_the_same_result(shard_dir, tmp_path, monkeypatch, recipe):
     """An injected out-of-memory at micro-batch 4 retries the same data as 2 slices of 2: loss
     and parameters equal a run that used slices of 2 from the start; the back-off is recorded
     in the summary and the checkpoint, and a resumed run starts at the size that worked."""
     monkeypatch.setenv("FITGPT_FAULT", "oom:train:0:4")
-    a = run(tiny_config(shard_dir, tmp_path / "a", train__max_steps=3))
+    a = run(tiny_config(shard_dir, tmp_path / "a", train__max_steps=3, **recipe))
     monkeypatch.delenv("FITGPT_FAULT")
-    b = run(tiny_config(shard_dir, tmp_path / "b", train__max_steps=3, memory__micro_split=2))
+    b = run(tiny_config(shard_dir, tmp_path / "b", train__max_steps=3, memory__micro_split=2, **recipe))
     assert a["backoff"]["micro_split"] == 2 and a["backoff"]["events"][0]["phase"] == "training"
     assert load_checkpoint(a["run_dir"])["backoff"]["micro_split"] == 2
     np.testing.assert_allclose(losses(a["run_dir"]), losses(b["run_dir"]), rtol=1e-6)
